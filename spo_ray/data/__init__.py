@@ -1,0 +1,1 @@
+"""Preference data: reading, schema normalization, chat templates, tokenization, Ray Data pipeline."""

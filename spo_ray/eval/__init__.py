@@ -1,0 +1,1 @@
+"""Evaluation: distance to the expert distribution, entropy, win rate, plots."""

@@ -1,0 +1,1 @@
+"""Preference oracles for online and iterative rounds."""

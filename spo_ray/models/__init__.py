@@ -1,0 +1,1 @@
+"""Models: loading policy/reference, LoRA, the tiny built-in model."""

@@ -1,0 +1,1 @@
+"""Rollout: vLLM actors, the HF-generate fallback, weight-sync transports."""

@@ -1,0 +1,1 @@
+"""The Ray Train loop: steps, optimizer, checkpoint/resume, metrics."""
