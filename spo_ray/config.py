@@ -1,0 +1,406 @@
+"""One typed config tree: YAML + dotted overrides, validated before anything starts.
+
+Every field carries a one-line help (shown by `spo-ray config show`) and a default that works on a
+laptop CPU. Errors name the key (`loss.alpha`) and say what to do; the CLI turns them into exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from spo_ray.errors import ConfigError
+
+
+def option(default: Any, help: str, **checks: Any) -> Any:
+    """A config field: default, one-line help, and checks (gt, ge, lt, le, must_exist)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class TinyModelConfig:
+    vocab_size: int = option(1024, "BPE vocabulary size of the tiny tokenizer", ge=300)
+    hidden_size: int = option(128, "width of the tiny Llama (head_dim is fixed at 64 for vLLM CPU)", ge=64)
+    num_layers: int = option(2, "transformer blocks", ge=1)
+    intermediate_size: int = option(256, "MLP width", ge=1)
+    seed: int = option(0, "seed for weights and tokenizer training; same seed, same model")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(0, "LoRA rank; 0 trains all weights, > 0 trains a LoRA adapter (needs `peft`)", ge=0)
+    alpha: float = option(16.0, "LoRA scaling numerator (lora_alpha)", gt=0)
+    dropout: float = option(0.0, "LoRA dropout", ge=0, lt=1)
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that receive adapters",
+    )
+
+
+@dataclass
+class ModelConfig:
+    path: str = option(
+        "tiny",
+        "policy to start from: a Hugging Face folder, a .gguf file, or 'tiny' (built into the output dir)",
+    )
+    reference_path: str = option("", "frozen reference model; empty means the starting policy itself")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype for training")
+    tiny: TinyModelConfig = section(TinyModelConfig, "the embedded tiny model, used when path is 'tiny'")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter; the reference is then the policy with it disabled")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = option(
+        [], "preference data: JSONL/JSON/Parquet files, globs, save_to_disk folders"
+    )
+    eval_files: list[str] = option([], "held-out preference data; empty means split by eval_fraction")
+    eval_fraction: float = option(
+        0.0, "fraction of train rows held out for eval when eval_files is empty", ge=0, lt=1
+    )
+    hf_dataset: str = option("", "a dataset name for datasets.load_dataset (needs a reachable hub)")
+    hf_split: str = option("train", "split of hf_dataset")
+    format: Literal["auto", "explicit", "conversational", "implicit", "sharegpt", "binarized", "nary"] = (
+        option("auto", "row format; 'auto' detects it from the fields")
+    )
+    max_length: int = option(
+        512, "max tokens of prompt + response; prompts are cut from the left to fit", ge=8
+    )
+    max_prompt_length: int = option(256, "max prompt tokens (cut from the left)", ge=1)
+    on_bad_rows: Literal["error", "skip"] = option(
+        "error", "'error' stops at the first bad row; 'skip' quarantines bad rows and counts them"
+    )
+    shuffle_seed: int = option(0, "seed of the deterministic per-epoch shuffle")
+    packing: bool = option(False, "padding-free packing of sequences for the trainer")
+    reg_prompts_file: str = option(
+        "", "prompts for the global KL regularizer (JSONL with 'prompt'); empty uses the preference prompts"
+    )
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = option(
+        "vllm", "generation engine: vLLM, or the transformers.generate fallback"
+    )
+    num_actors: int = option(1, "rollout actors (each one engine)", ge=1)
+    num_cpus_per_actor: float = option(1.0, "Ray CPUs reserved by each rollout actor", ge=0)
+    num_gpus_per_actor: float = option(0.0, "Ray GPUs reserved by each rollout actor", ge=0)
+    colocate: bool = option(True, "place rollout actors on the trainers' node (PACK) or spread them (SPREAD)")
+    transport: Literal["object_store", "nccl", "cuda_ipc"] = option(
+        "object_store", "weight-sync transport: Ray object store (everywhere) or vLLM's GPU engines"
+    )
+    prompts_per_step: int = option(4, "regularization prompts sampled for each optimizer step", ge=0)
+    samples_per_prompt: int = option(1, "online samples generated per regularization prompt", ge=1)
+    max_tokens: int = option(32, "max new tokens per online sample", ge=1)
+    temperature: float = option(
+        1.0, "sampling temperature (1.0 samples the policy itself, as the KL needs)", gt=0
+    )
+    top_p: float = option(1.0, "nucleus sampling mass (1.0 for unbiased KL samples)", gt=0, le=1)
+    sync_every: int = option(
+        1, "sync trainer weights to the rollout actors every this many optimizer steps", ge=1
+    )
+    max_policy_lag: int = option(
+        2, "max optimizer steps between the sampling weights and the trained weights", ge=0
+    )
+    importance_clip: float = option(
+        0.0, "truncated importance weights min(c, pi/pi_old) per token; 0 turns them off", ge=0
+    )
+    overlap: bool = option(True, "request the next step's samples while the current step computes")
+    seed: int = option(0, "engine seed: samples reproducible for a seed, different across requests")
+    timeout_s: float = option(300.0, "timeout of any remote rollout call before the actor is replaced", gt=0)
+    gpu_memory_utilization: float = option(0.3, "vLLM GPU memory fraction (GPU build only)", gt=0, le=1)
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = option(1, "Ray Train workers (DDP ranks)", ge=1)
+    use_gpu: bool = option(False, "one GPU per worker; DDP over NCCL instead of gloo")
+    cpus_per_worker: float = option(1.0, "Ray CPUs reserved by each training worker", gt=0)
+    strategy: Literal["ddp", "fsdp"] = option("ddp", "data parallelism: DDP, or FSDP (GPU)")
+    precision: Literal["fp32", "bf16"] = option("fp32", "autocast precision (bf16 on GPU)")
+    max_steps: int = option(60, "optimizer steps to run", ge=1)
+    batch_size: int = option(8, "preference examples per worker per micro-batch", ge=1)
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", ge=1)
+    lr: float = option(1e-3, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = option(5, "linear warmup steps", ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warmup")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 turns clipping off", ge=0)
+    seed: int = option(0, "seed for model init, dropout and data order")
+    checkpoint_every: int = option(
+        20, "save a resumable checkpoint every this many steps; 0 only at the end", ge=0
+    )
+    keep_checkpoints: int = option(2, "keep the last k checkpoints", ge=1)
+    max_failures: int = option(
+        2, "automatic restarts of a crashed worker group from the latest checkpoint", ge=0
+    )
+
+
+@dataclass
+class LossConfig:
+    name: str = option("spo", "preference loss from the registry (spo, spo_best_of_n, spo_ranked, dpo, ...)")
+    alpha: float = option(
+        1.0, "SPO softmax exponent; SPO converges to softmax(r/alpha) on compared responses", gt=0
+    )
+    beta: float = option(
+        0.1, "weight of the global KL regularizer on online samples (SPEC §2.2); 0 runs offline", ge=0
+    )
+    kl_estimator: Literal["token", "token_unbiased", "sequence"] = option(
+        "token", "estimator of the global KL gradient"
+    )
+    ref_beta: float = option(
+        0.1, "beta of the reference-based losses (dpo, ipo, cdpo, rdpo, tdpo) and simpo", gt=0
+    )
+    epsilon: float = option(0.0, "label-smoothing (cdpo) or flip rate (rdpo)", ge=0, lt=0.5)
+    gamma: float = option(0.5, "SimPO target margin", ge=0)
+    eta: float = option(1.0, "SPPO step size", gt=0)
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = option(
+        "offline", "Weights & Biases mode; offline writes to the output dir"
+    )
+    wandb_project: str = option("spo_ray", "Weights & Biases project")
+    log_every: int = option(1, "write metrics every this many steps", ge=1)
+    progress: bool = option(True, "show progress bars on the console")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("outputs/run", "output dir: checkpoints, metrics.jsonl, summary.json, final/")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = section(ModelConfig, "policy and reference models")
+    data: DataConfig = section(DataConfig, "preference data pipeline")
+    rollout: RolloutConfig = section(RolloutConfig, "online sampling and weight sync")
+    train: TrainConfig = section(TrainConfig, "Ray Train loop")
+    loss: LossConfig = section(LossConfig, "preference loss and global KL regularizer")
+    logging: LoggingConfig = section(LoggingConfig, "metrics and progress")
+    output: OutputConfig = section(OutputConfig, "where results go")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float only)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                key, f"{value!r} is not one of {list(choices)}{_did_you_mean(str(value), map(str, choices))}"
+            )
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(f"{key}[{i}]", item, item_tp) for i, item in enumerate(value)]
+    if origin in (Union, types.UnionType):
+        raise TypeError(f"config field {key} uses a Union; use a default value instead")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(
+                key, f"unknown key{_did_you_mean(str(name), names)}; known keys here: {', '.join(names)}"
+            )
+        tp = hints[name]
+        kwargs[name] = _build(tp, value, key) if _is_section(tp) else _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _check_ranges(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key)
+            continue
+        meta = f.metadata
+        for check, ok, words in (
+            ("gt", lambda v, b: v > b, "greater than"),
+            ("ge", lambda v, b: v >= b, "at least"),
+            ("lt", lambda v, b: v < b, "less than"),
+            ("le", lambda v, b: v <= b, "at most"),
+        ):
+            if check in meta and not ok(value, meta[check]):
+                raise ConfigError(key, f"{value!r} is out of range: must be {words} {meta[check]}")
+
+
+def _check_files(cfg: Config) -> None:
+    from glob import has_magic
+
+    def need(key: str, path: str) -> None:
+        if path and not has_magic(path) and not os.path.exists(path):
+            raise ConfigError(
+                key, f"file or folder '{path}' does not exist (relative paths are from {os.getcwd()})"
+            )
+
+    if cfg.model.path != "tiny":
+        need("model.path", cfg.model.path)
+    need("model.reference_path", cfg.model.reference_path)
+    for i, path in enumerate(cfg.data.train_files):
+        need(f"data.train_files[{i}]", path)
+    for i, path in enumerate(cfg.data.eval_files):
+        need(f"data.eval_files[{i}]", path)
+    need("data.reg_prompts_file", cfg.data.reg_prompts_file)
+
+
+def validate(cfg: Config, check_files: bool = True) -> Config:
+    """Check ranges, cross-field rules and (optionally) that named files exist; raise ConfigError."""
+    _check_ranges(cfg)
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            "data.max_prompt_length",
+            f"{cfg.data.max_prompt_length} leaves no room for a response within data.max_length={cfg.data.max_length}",
+        )
+    from spo_ray.losses import get_loss
+
+    try:
+        get_loss(cfg.loss.name)
+    except ValueError as exc:
+        raise ConfigError("loss.name", str(exc)) from None
+    if cfg.train.strategy == "fsdp" and not cfg.train.use_gpu:
+        raise ConfigError("train.strategy", "fsdp needs GPUs: set train.use_gpu=true or train.strategy=ddp")
+    if cfg.train.precision == "bf16" and not cfg.train.use_gpu:
+        raise ConfigError(
+            "train.precision", "bf16 autocast is for GPUs: set train.use_gpu=true or precision=fp32"
+        )
+    if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
+        raise ConfigError(
+            "rollout.transport",
+            f"{cfg.rollout.transport} needs GPU rollout actors (rollout.num_gpus_per_actor > 0)",
+        )
+    if check_files:
+        _check_files(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`loss.alpha=0.5` -> (['loss', 'alpha'], 0.5); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like section.key=value (e.g. --set loss.alpha=0.5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), check_files: bool = True
+) -> Config:
+    """Read YAML (or defaults), apply dotted overrides, build the typed tree and validate it."""
+    data: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError("--config", f"config file '{path}' does not exist")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping of sections (model:, data:, ...)")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for depth, name in enumerate(keys[:-1]):
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(keys[: depth + 1]), "is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return validate(_build(Config, data, ""), check_files=check_files)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, check_files: bool = False) -> Config:
+    """Rebuild a Config from `config_to_dict` output (e.g. inside Ray workers)."""
+    return validate(_build(Config, data, ""), check_files=check_files)
+
+
+def dump_yaml(cfg: Any, with_help: bool = True, indent: int = 0) -> str:
+    """The resolved config as YAML, each key followed by its help as a comment."""
+    lines = []
+    pad = "  " * indent
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        comment = f"  # {f.metadata['help']}" if with_help and "help" in f.metadata else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{comment}")
+            lines.append(dump_yaml(value, with_help, indent + 1))
+        else:
+            rendered = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            if rendered.endswith("\n..."):
+                rendered = rendered[: -len("\n...")]
+            rendered = rendered.removesuffix("...").strip()
+            lines.append(f"{pad}{f.name}: {rendered}{comment}")
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""Errors meant for people: each says what was wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, paths). The CLI prints it and exits 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config key that is unknown, of the wrong type, out of range, or names a missing file."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}" if key else message)
+
+
+class DataError(UserError):
+    """A preference-data row that cannot be used; names file, line/row, field and reason."""

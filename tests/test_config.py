@@ -1,0 +1,118 @@
+"""The config tree: YAML + dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from spo_ray.config import Config, config_from_dict, config_to_dict, dump_yaml, load_config
+from spo_ray.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_and_every_field_has_help():
+    cfg = load_config(None)
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            assert f.metadata.get("help"), f"{prefix}{f.name} has no help"
+            if dataclasses.is_dataclass(getattr(obj, f.name)):
+                walk(getattr(obj, f.name), f"{prefix}{f.name}.")
+
+    walk(cfg)
+    assert cfg.loss.name == "spo" and cfg.loss.alpha == 1.0
+
+
+def test_yaml_and_dotted_overrides_resolve_in_order(tmp_path):
+    path = write(tmp_path, "loss:\n  alpha: 2.0\n  beta: 0.5\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(path, ["loss.alpha=0.5", "train.lr=3e-4", "data.packing=true"])
+    assert cfg.loss.alpha == 0.5 and cfg.loss.beta == 0.5
+    assert cfg.train.max_steps == 7 and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.data.packing is True
+
+
+def test_integer_is_accepted_where_a_float_is_expected(tmp_path):
+    cfg = load_config(write(tmp_path, "loss:\n  alpha: 2\n"))
+    assert isinstance(cfg.loss.alpha, float)
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["loss.alpah=1"], "loss.alpah", "did you mean 'alpha'"),
+        (["lsos.alpha=1"], "lsos", "did you mean 'loss'"),
+        (["loss.alpha=0"], "loss.alpha", "greater than 0"),
+        (["loss.alpha=-1"], "loss.alpha", "out of range"),
+        (["loss.beta=-0.1"], "loss.beta", "at least 0"),
+        (["loss.epsilon=0.5"], "loss.epsilon", "less than 0.5"),
+        (["loss.epsilon=-0.01"], "loss.epsilon", "at least 0"),
+        (["train.max_steps=ten"], "train.max_steps", "expected an integer"),
+        (["train.max_steps=2.5"], "train.max_steps", "expected an integer"),
+        (["data.packing=maybe"], "data.packing", "expected true or false"),
+        (["data.on_bad_rows=ignore"], "data.on_bad_rows", "not one of"),
+        (["loss.name=dpoo"], "loss.name", "dpo"),
+        (["data.train_files=[/no/such/file.jsonl]"], "data.train_files[0]", "does not exist"),
+        (["model.path=/no/such/model"], "model.path", "does not exist"),
+        (["data.max_prompt_length=600"], "data.max_prompt_length", "no room"),
+        (["train.strategy=fsdp"], "train.strategy", "needs GPUs"),
+    ],
+)
+def test_bad_values_raise_an_error_naming_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_bad_yaml_file_is_reported_with_its_path(tmp_path):
+    path = write(tmp_path, "loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = load_config(None, ["loss.alpha=0.25", "data.train_files=[]"])
+    again = config_from_dict(config_to_dict(cfg))
+    assert again == cfg and isinstance(again, Config)
+
+
+def test_dump_yaml_reloads_to_the_same_config(tmp_path):
+    cfg = load_config(None, ["loss.alpha=0.25", "model.lora.target_modules=[q_proj]"])
+    path = write(tmp_path, dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "spo_ray.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_config_show_prints_resolved_values_and_exits_2_on_bad_key(tmp_path):
+    path = write(tmp_path, "loss:\n  alpha: 2.0\n")
+    shown = run_cli("config", "show", "--config", str(path), "--set", "train.max_steps=3")
+    assert shown.returncode == 0, shown.stderr
+    assert "alpha: 2.0" in shown.stdout and "max_steps: 3" in shown.stdout
+    bad = run_cli("config", "show", "--set", "loss.alpah=2")
+    assert bad.returncode == 2
+    assert "loss.alpah" in bad.stderr and "did you mean 'alpha'" in bad.stderr
+
+
+def test_cli_help_lists_every_subcommand_with_a_line_of_help():
+    from spo_ray.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    helps = {action.dest: action.help for action in sub._choices_actions}
+    assert {"config", "make-tiny-model"} <= set(helps)
+    assert all(helps.values())
+    shown = run_cli("--help")
+    assert shown.returncode == 0 and "make-tiny-model" in shown.stdout
