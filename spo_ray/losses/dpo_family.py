@@ -1,0 +1,132 @@
+"""Reference-based and other baseline preference losses of SPEC.md §2.4 (DPO, IPO, cDPO, rDPO, SimPO, TDPO, SPPO).
+
+Arguments are sequence log-probabilities [B] (sums over response tokens); each function returns
+unreduced per-example losses [B]. h = (lp_θ(y_w) − lp_ref(y_w)) − (lp_θ(y_l) − lp_ref(y_l)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _check_flip_rate(epsilon: float) -> None:
+    if not 0.0 <= epsilon < 0.5:
+        raise ValueError(f"epsilon (label-flip rate) must be in [0, 0.5), got {epsilon}")
+
+
+def preference_log_ratio(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> torch.Tensor:
+    """h = (lp_θ(y_w) − lp_ref(y_w)) − (lp_θ(y_l) − lp_ref(y_l)), [B]."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO: −log σ(β h)."""
+    _check_positive("beta", beta)
+    h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return -F.logsigmoid(beta * h)
+
+
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """IPO: (h − 1/(2β))²."""
+    _check_positive("beta", beta)
+    h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def cdpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    epsilon: float,
+) -> torch.Tensor:
+    """Conservative DPO (label smoothing ε): −(1−ε) log σ(βh) − ε log σ(−βh)."""
+    _check_positive("beta", beta)
+    _check_flip_rate(epsilon)
+    h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return -(1.0 - epsilon) * F.logsigmoid(beta * h) - epsilon * F.logsigmoid(-beta * h)
+
+
+def rdpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    epsilon: float,
+) -> torch.Tensor:
+    """Provably robust DPO (flip rate ε): [(1−ε)(−log σ(βh)) − ε(−log σ(−βh))] / (1 − 2ε)."""
+    _check_positive("beta", beta)
+    _check_flip_rate(epsilon)
+    h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return ((1.0 - epsilon) * -F.logsigmoid(beta * h) - epsilon * -F.logsigmoid(-beta * h)) / (
+        1.0 - 2.0 * epsilon
+    )
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> torch.Tensor:
+    """SimPO (no reference): −log σ(β·lp_θ(y_w)/|y_w| − β·lp_θ(y_l)/|y_l| − γ); lengths in response tokens."""
+    _check_positive("beta", beta)
+    chosen_reward = beta * policy_chosen / chosen_lengths.to(policy_chosen.dtype).clamp(min=1)
+    rejected_reward = beta * policy_rejected / rejected_lengths.to(policy_rejected.dtype).clamp(min=1)
+    return -F.logsigmoid(chosen_reward - rejected_reward - gamma)
+
+
+def tdpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_seq_kl: torch.Tensor,
+    rejected_seq_kl: torch.Tensor,
+    beta: float,
+    stop_grad_chosen: bool = True,
+) -> torch.Tensor:
+    """Token-level DPO: −log σ(βh − β·(SeqKL(y_l) − sg(SeqKL(y_w)))).
+
+    SeqKL(y) = Σ_t KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t)), from `sequence_kl_ref_to_policy`. The stop-gradient
+    on the chosen term (TDPO2) is on by default; `stop_grad_chosen=False` gives TDPO1.
+    """
+    _check_positive("beta", beta)
+    h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    chosen_kl = chosen_seq_kl.detach() if stop_grad_chosen else chosen_seq_kl
+    return -F.logsigmoid(beta * h - beta * (rejected_seq_kl - chosen_kl))
+
+
+def sppo_loss(
+    policy_logps: torch.Tensor, prev_logps: torch.Tensor, win_prob: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """Self-play (SPPO): (lp_θ(y) − lp_t(y) − η·(P̂(y ≻ π_t | x) − 1/2))², per response."""
+    _check_positive("eta", eta)
+    return (policy_logps - prev_logps - eta * (win_prob - 0.5)) ** 2

@@ -1,0 +1,212 @@
+"""The loss registry: a name maps to a `LossSpec` whose `compute(terms, params)` has one signature for all.
+
+The trainer reads `spec.required_terms` to know what to compute (reference logps, lengths, SeqKL, ...),
+fills a `PreferenceTerms`, and calls `spec.compute(terms, params)`; it never branches on the loss name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from spo_ray.losses.dpo_family import (
+    cdpo_loss,
+    dpo_loss,
+    ipo_loss,
+    rdpo_loss,
+    simpo_loss,
+    sppo_loss,
+    tdpo_loss,
+)
+from spo_ray.losses.spo import spo_best_of_n_loss, spo_pairwise_loss, spo_ranked_loss
+
+LossKind = Literal["pairwise", "best_of_n", "ranked", "sppo"]
+
+
+@dataclass(frozen=True)
+class PreferenceTerms:
+    """Per-prompt inputs of every preference loss; a loss reads only the fields in its `required_terms`."""
+
+    policy_logps: torch.Tensor  # [B, n] lp_θ of each response; pairwise: column 0 chosen, column 1 rejected
+    ref_logps: torch.Tensor | None = None  # [B, n] lp_ref of the same responses
+    lengths: torch.Tensor | None = None  # [B, n] response lengths in tokens (SimPO)
+    best_index: torch.Tensor | None = None  # [B] long, column of the preferred response (best-of-n)
+    ranking: torch.Tensor | None = None  # [B, n] long, columns best first, -1 padding at the tail (ranked)
+    win_prob: torch.Tensor | None = None  # [B, n] judge's P̂(y ≻ π_t | x) per response (SPPO)
+    prev_logps: torch.Tensor | None = None  # [B, n] lp_t under the previous round's policy (SPPO)
+    seq_kl: torch.Tensor | None = None  # [B, n] SeqKL = Σ_t KL(π_ref ‖ π_θ) per response (TDPO)
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Hyper-parameters shared by the registry's losses; each loss reads the ones it needs."""
+
+    alpha: float = 1.0  # SPO softness: larger gives a flatter optimum softmax(r/α)
+    beta: float = 0.1  # DPO-family temperature (SimPO uses ~2.0)
+    epsilon: float = 0.0  # cDPO label smoothing / rDPO flip rate, in [0, 0.5)
+    gamma: float = 0.5  # SimPO target reward margin
+    eta: float = 1.0  # SPPO step size
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "eta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LossParams.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.epsilon < 0.5:
+            raise ValueError(f"LossParams.epsilon must be in [0, 0.5), got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the pure function, what it needs, and a uniform adapter to call it."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]  # the pure loss function of spo.py / dpo_family.py
+    kind: LossKind
+    required_terms: tuple[str, ...]  # PreferenceTerms fields besides policy_logps
+    adapter: Callable[[PreferenceTerms, LossParams], torch.Tensor]
+
+    @property
+    def needs_reference(self) -> bool:
+        """True if the reference model must be run (for ref_logps or SeqKL)."""
+        return "ref_logps" in self.required_terms or "seq_kl" in self.required_terms
+
+    @property
+    def needs_token_logits(self) -> bool:
+        """True if per-token logits of policy and reference are needed (for `sequence_kl_ref_to_policy`)."""
+        return "seq_kl" in self.required_terms
+
+    def compute(self, terms: PreferenceTerms, params: LossParams) -> torch.Tensor:
+        """Unreduced per-prompt loss [B]; checks that the required terms are present and shaped [B, n]."""
+        batch, n = _check_logps(self, terms.policy_logps)
+        for name in self.required_terms:
+            value = getattr(terms, name)
+            if value is None:
+                raise ValueError(f"loss {self.name!r} needs PreferenceTerms.{name}, which is None")
+            expected = (batch,) if name == "best_index" else (batch, n)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"loss {self.name!r}: PreferenceTerms.{name} has shape {tuple(value.shape)}, "
+                    f"expected {expected} to match policy_logps"
+                )
+        return self.adapter(terms, params)
+
+
+def _check_logps(spec: LossSpec, policy_logps: torch.Tensor) -> tuple[int, int]:
+    if policy_logps.dim() != 2:
+        raise ValueError(f"loss {spec.name!r}: policy_logps must be [B, n], got {tuple(policy_logps.shape)}")
+    batch, n = policy_logps.shape
+    if spec.kind == "pairwise" and n != 2:
+        raise ValueError(f"loss {spec.name!r} is pairwise: policy_logps must be [B, 2], got [{batch}, {n}]")
+    return batch, n
+
+
+def _pairwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return t[:, 0], t[:, 1]
+
+
+def _reference_pairwise(fn: Callable[..., torch.Tensor], *param_names: str):
+    def adapter(terms: PreferenceTerms, params: LossParams) -> torch.Tensor:
+        extra = [getattr(params, name) for name in param_names]
+        return fn(*_pairwise(terms.policy_logps), *_pairwise(terms.ref_logps), *extra)
+
+    return adapter
+
+
+_SPECS = (
+    LossSpec(
+        "spo",
+        spo_pairwise_loss,
+        "pairwise",
+        (),
+        lambda t, p: spo_pairwise_loss(*_pairwise(t.policy_logps), p.alpha),
+    ),
+    LossSpec(
+        "spo_best_of_n",
+        spo_best_of_n_loss,
+        "best_of_n",
+        ("best_index",),
+        lambda t, p: spo_best_of_n_loss(t.policy_logps, t.best_index, p.alpha),
+    ),
+    LossSpec(
+        "spo_ranked",
+        spo_ranked_loss,
+        "ranked",
+        ("ranking",),
+        lambda t, p: spo_ranked_loss(t.policy_logps, t.ranking, p.alpha),
+    ),
+    LossSpec("dpo", dpo_loss, "pairwise", ("ref_logps",), _reference_pairwise(dpo_loss, "beta")),
+    LossSpec("ipo", ipo_loss, "pairwise", ("ref_logps",), _reference_pairwise(ipo_loss, "beta")),
+    LossSpec(
+        "cdpo", cdpo_loss, "pairwise", ("ref_logps",), _reference_pairwise(cdpo_loss, "beta", "epsilon")
+    ),
+    LossSpec(
+        "rdpo", rdpo_loss, "pairwise", ("ref_logps",), _reference_pairwise(rdpo_loss, "beta", "epsilon")
+    ),
+    LossSpec(
+        "simpo",
+        simpo_loss,
+        "pairwise",
+        ("lengths",),
+        lambda t, p: simpo_loss(*_pairwise(t.policy_logps), *_pairwise(t.lengths), p.beta, p.gamma),
+    ),
+    LossSpec(
+        "tdpo",
+        tdpo_loss,
+        "pairwise",
+        ("ref_logps", "seq_kl"),
+        lambda t, p: tdpo_loss(
+            *_pairwise(t.policy_logps), *_pairwise(t.ref_logps), *_pairwise(t.seq_kl), p.beta
+        ),
+    ),
+    # SPPO scores each response on its own; a prompt's loss is the mean over its n responses.
+    LossSpec(
+        "sppo",
+        sppo_loss,
+        "sppo",
+        ("prev_logps", "win_prob"),
+        lambda t, p: sppo_loss(t.policy_logps, t.prev_logps, t.win_prob, p.eta).mean(-1),
+    ),
+)
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def get_loss(name: str) -> LossSpec:
+    """The `LossSpec` registered under `name`; unknown names raise ValueError listing the known ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}") from None
+
+
+def preference_metrics(terms: PreferenceTerms) -> dict[str, torch.Tensor]:
+    """Detached batch means: accuracy (the preferred response has the highest implicit reward) and margin.
+
+    Implicit reward: lp_θ − lp_ref when `ref_logps` is set, else lp_θ. The preferred column is
+    `best_index`, else `ranking[:, 0]`, else 0 (pairwise chosen). Margin: preferred reward − best other.
+    """
+    with torch.no_grad():
+        rewards = terms.policy_logps if terms.ref_logps is None else terms.policy_logps - terms.ref_logps
+        if rewards.dim() != 2 or rewards.shape[1] < 2:
+            return {}
+        if terms.best_index is not None:
+            preferred = terms.best_index.long()
+        elif terms.ranking is not None:
+            preferred = terms.ranking[:, 0].long()
+        else:
+            preferred = torch.zeros(rewards.shape[0], dtype=torch.long, device=rewards.device)
+        preferred_reward = rewards.gather(1, preferred[:, None]).squeeze(1)  # [B]
+        others = rewards.scatter(1, preferred[:, None], -torch.inf)
+        if terms.ranking is not None:  # columns left out of a padded ranking are not competitors
+            valid = (terms.ranking >= 0).to(rewards.dtype)
+            ranked = torch.zeros_like(rewards).scatter_add(1, terms.ranking.clamp(min=0).long(), valid) > 0
+            others = torch.where(ranked, others, -torch.inf)
+        margin = preferred_reward - others.max(1).values
+        return {
+            "accuracy": (margin > 0).to(rewards.dtype).mean(),
+            "margin": margin.mean(),
+            "preferred_reward": preferred_reward.mean(),
+        }

@@ -1,0 +1,237 @@
+"""Each preference loss equals its SPEC.md §2 formula (recomputed here with plain `math`) and has the right gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spo_ray.losses import (
+    cdpo_loss,
+    dpo_loss,
+    ipo_loss,
+    rdpo_loss,
+    simpo_loss,
+    spo_best_of_n_loss,
+    spo_pairwise_loss,
+    spo_ranked_loss,
+    sppo_loss,
+    tdpo_loss,
+)
+
+BATCH = 6
+
+
+def _randn(*shape: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _pairs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """policy_chosen, policy_rejected, ref_chosen, ref_rejected: sequence log-probs [B] (negative)."""
+    return tuple(-_randn(BATCH, seed=seed).abs() * 5 for seed in range(4))
+
+
+def _h(pc: float, pr: float, rc: float, rr: float) -> float:
+    return (pc - rc) - (pr - rr)
+
+
+def _grad_check(fn, *tensors: torch.Tensor) -> None:
+    inputs = tuple(t.detach().clone().requires_grad_() for t in tensors)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+# --- SPO (§2.1) ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_spo_pairwise_loss_is_minus_log_sigmoid_of_scaled_margin_over_alpha(alpha):
+    chosen, rejected, _, _ = _pairs()
+    loss = spo_pairwise_loss(chosen, rejected, alpha)
+    expected = [-_log_sigmoid(alpha * (w - lo)) / alpha for w, lo in zip(chosen.tolist(), rejected.tolist())]
+    assert loss.shape == (BATCH,)
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda w, lo: spo_pairwise_loss(w, lo, alpha), chosen, rejected)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_spo_best_of_n_loss_is_minus_log_softmax_of_the_best_over_alpha(alpha):
+    logps = -_randn(BATCH, 4).abs() * 4
+    best = torch.tensor([0, 1, 2, 3, 1, 0])
+    loss = spo_best_of_n_loss(logps, best, alpha)
+    expected = []
+    for row, b in zip(logps.tolist(), best.tolist()):
+        normalizer = sum(math.exp(alpha * lp) for lp in row)
+        expected.append(-math.log(math.exp(alpha * row[b]) / normalizer) / alpha)
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda lp: spo_best_of_n_loss(lp, best, alpha), logps)
+
+
+def _plackett_luce_nll(row: list[float], order: list[int], alpha: float) -> float:
+    total = 0.0
+    for k in range(len(order) - 1):
+        normalizer = sum(math.exp(alpha * row[j]) for j in order[k:])
+        total += math.log(math.exp(alpha * row[order[k]]) / normalizer)
+    return -total / alpha
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_spo_ranked_loss_is_the_plackett_luce_negative_log_likelihood_over_alpha(alpha):
+    logps = -_randn(BATCH, 5).abs() * 2
+    gen = torch.Generator().manual_seed(1)
+    ranking = torch.stack([torch.randperm(5, generator=gen) for _ in range(BATCH)])
+    loss = spo_ranked_loss(logps, ranking, alpha)
+    expected = [_plackett_luce_nll(r, o, alpha) for r, o in zip(logps.tolist(), ranking.tolist())]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda lp: spo_ranked_loss(lp, ranking, alpha), logps)
+
+
+def test_spo_ranked_loss_ignores_minus_one_padding_and_unranked_columns():
+    logps = -_randn(3, 5).abs() * 2
+    ranking = torch.tensor([[3, 1, 4, 0, 2], [2, 0, -1, -1, -1], [4, -1, -1, -1, -1]])
+    loss = spo_ranked_loss(logps, ranking, 1.5)
+    expected = [
+        _plackett_luce_nll(row, [i for i in order if i >= 0], 1.5)
+        for row, order in zip(logps.tolist(), ranking.tolist())
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    assert loss[2].item() == 0.0  # a single ranked response carries no preference
+    # Padding must not leak NaN into the gradient, and unranked columns get none.
+    grad = torch.autograd.functional.jacobian(lambda lp: spo_ranked_loss(lp, ranking, 1.5).sum(), logps)
+    assert torch.isfinite(grad).all()
+    assert grad[1, [1, 3, 4]].abs().max() == 0.0 and grad[2, :4].abs().max() == 0.0
+    assert grad[2, 4].abs() < 1e-12  # d/dlp of log(e^lp / e^lp), zero up to rounding
+    _grad_check(lambda lp: spo_ranked_loss(lp, ranking, 1.5), logps)
+
+
+def test_spo_losses_agree_on_two_responses():
+    chosen, rejected, _, _ = _pairs()
+    logps = torch.stack([rejected, chosen], dim=1)  # the chosen response in column 1
+    pairwise = spo_pairwise_loss(chosen, rejected, 0.7)
+    best_of_n = spo_best_of_n_loss(logps, torch.ones(BATCH, dtype=torch.long), 0.7)
+    ranked = spo_ranked_loss(logps, torch.tensor([[1, 0]] * BATCH), 0.7)
+    assert torch.allclose(pairwise, best_of_n, rtol=1e-12, atol=0)
+    assert torch.allclose(pairwise, ranked, rtol=1e-12, atol=0)
+
+
+def test_spo_loss_needs_no_reference_and_rejects_nonpositive_alpha():
+    chosen, rejected, _, _ = _pairs()
+    with pytest.raises(ValueError, match="alpha"):
+        spo_pairwise_loss(chosen, rejected, 0.0)
+
+
+# --- DPO family (§2.4) --------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_is_minus_log_sigmoid_of_beta_h():
+    terms = _pairs()
+    loss = dpo_loss(*terms, 0.1)
+    expected = [-_log_sigmoid(0.1 * _h(*row)) for row in zip(*(t.tolist() for t in terms))]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda *t: dpo_loss(*t, 0.1), *terms)
+
+
+def test_ipo_loss_is_squared_distance_of_h_to_one_over_two_beta():
+    terms = _pairs()
+    loss = ipo_loss(*terms, 0.25)
+    expected = [(_h(*row) - 1 / (2 * 0.25)) ** 2 for row in zip(*(t.tolist() for t in terms))]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda *t: ipo_loss(*t, 0.25), *terms)
+
+
+def test_cdpo_loss_is_label_smoothed_dpo():
+    terms, beta, eps = _pairs(), 0.2, 0.1
+    loss = cdpo_loss(*terms, beta, eps)
+    expected = [
+        -(1 - eps) * _log_sigmoid(beta * _h(*row)) - eps * _log_sigmoid(-beta * _h(*row))
+        for row in zip(*(t.tolist() for t in terms))
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    assert torch.allclose(cdpo_loss(*terms, beta, 0.0), dpo_loss(*terms, beta), rtol=1e-12, atol=0)
+    _grad_check(lambda *t: cdpo_loss(*t, beta, eps), *terms)
+
+
+def test_rdpo_loss_is_the_unbiased_flip_corrected_dpo():
+    terms, beta, eps = _pairs(), 0.2, 0.2
+    loss = rdpo_loss(*terms, beta, eps)
+    expected = [
+        ((1 - eps) * -_log_sigmoid(beta * _h(*row)) - eps * -_log_sigmoid(-beta * _h(*row))) / (1 - 2 * eps)
+        for row in zip(*(t.tolist() for t in terms))
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    # Unbiased under flips: the expectation over a flip with probability ε is the clean DPO loss.
+    pc, pr, rc, rr = terms
+    flipped = rdpo_loss(pr, pc, rr, rc, beta, eps)
+    assert torch.allclose((1 - eps) * loss + eps * flipped, dpo_loss(*terms, beta), rtol=1e-12, atol=0)
+    _grad_check(lambda *t: rdpo_loss(*t, beta, eps), *terms)
+    with pytest.raises(ValueError, match="epsilon"):
+        rdpo_loss(*terms, beta, 0.5)
+
+
+def test_simpo_loss_uses_length_normalized_logps_and_a_margin():
+    pc, pr, _, _ = _pairs()
+    chosen_len, rejected_len = torch.tensor([3, 7, 1, 12, 5, 9]), torch.tensor([4, 2, 8, 6, 11, 1])
+    beta, gamma = 2.0, 0.5
+    loss = simpo_loss(pc, pr, chosen_len, rejected_len, beta, gamma)
+    expected = [
+        -_log_sigmoid(beta * w / lw - beta * lo / ll - gamma)
+        for w, lo, lw, ll in zip(pc.tolist(), pr.tolist(), chosen_len.tolist(), rejected_len.tolist())
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda w, lo: simpo_loss(w, lo, chosen_len, rejected_len, beta, gamma), pc, pr)
+
+
+@pytest.mark.parametrize("stop_grad_chosen", [True, False])
+def test_tdpo_loss_subtracts_the_sequence_kl_gap_from_the_dpo_margin(stop_grad_chosen):
+    terms = _pairs()
+    chosen_kl, rejected_kl = _randn(BATCH, seed=7).abs(), _randn(BATCH, seed=8).abs()
+    beta = 0.3
+    loss = tdpo_loss(*terms, chosen_kl, rejected_kl, beta, stop_grad_chosen)
+    expected = [
+        -_log_sigmoid(beta * _h(*row) - beta * (kl_l - kl_w))
+        for *row, kl_w, kl_l in zip(*(t.tolist() for t in terms), chosen_kl.tolist(), rejected_kl.tolist())
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    chosen_kl_leaf, rejected_kl_leaf = (
+        chosen_kl.clone().requires_grad_(),
+        rejected_kl.clone().requires_grad_(),
+    )
+    loss = tdpo_loss(*terms, chosen_kl_leaf, rejected_kl_leaf, beta, stop_grad_chosen)
+    chosen_grad, rejected_grad = torch.autograd.grad(
+        loss.sum(), [chosen_kl_leaf, rejected_kl_leaf], allow_unused=True, materialize_grads=True
+    )
+    assert bool((chosen_grad == 0).all()) == stop_grad_chosen
+    assert bool((rejected_grad > 0).all())  # a larger SeqKL on the rejected response raises the loss
+    # Finite differences see through a stop-gradient, so check SeqKL(y_w) only where it has a gradient.
+    if stop_grad_chosen:
+        _grad_check(lambda *t: tdpo_loss(*t[:4], chosen_kl, t[4], beta), *terms, rejected_kl)
+    else:
+        _grad_check(lambda *t: tdpo_loss(*t, beta, False), *terms, chosen_kl, rejected_kl)
+
+
+def test_sppo_loss_regresses_the_log_ratio_onto_the_centered_win_probability():
+    policy, prev = _pairs()[:2]
+    win_prob = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7, 1.0], dtype=torch.float64)
+    eta = 4.0
+    loss = sppo_loss(policy, prev, win_prob, eta)
+    expected = [
+        (lp - lt - eta * (p - 0.5)) ** 2
+        for lp, lt, p in zip(policy.tolist(), prev.tolist(), win_prob.tolist())
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    _grad_check(lambda lp: sppo_loss(lp, prev, win_prob, eta), policy)
+
+
+def test_losses_stay_finite_for_extreme_margins():
+    huge = torch.tensor([1e4, -1e4], dtype=torch.float64)
+    zero = torch.zeros(2, dtype=torch.float64)
+    assert torch.isfinite(spo_pairwise_loss(huge, zero, 2.0)).all()
+    assert torch.isfinite(dpo_loss(huge, zero, zero, zero, 1.0)).all()
+    assert torch.isfinite(
+        spo_ranked_loss(torch.stack([huge, zero], 1), torch.tensor([[0, 1], [0, 1]]), 2.0)
+    ).all()

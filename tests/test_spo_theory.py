@@ -1,0 +1,188 @@
+"""SPEC.md §2.3 on a tabular policy: the SPO minimizer is softmax(r/α) on the compared set S; DPO's is not.
+
+Setup: 8 responses, 6 of them in S (compared), Bradley–Terry preferences from a reward r on 10^6 pairs
+drawn with unequal pair frequencies (kept as a win-count matrix, the sufficient statistic), a non-uniform
+π_ref, and free logits minimized by LBFGS in float64, starting from π_ref.
+
+Measured (seed 0), total variation on S:
+    SPO to softmax(r/α):            α=0.5: 0.0015   α=1: 0.0009   α=2: 0.0004
+    DPO (β=α) to π_ref·exp(r/β):    0.0012 / 0.0005 / 0.0002
+    DPO (β=α) to softmax(r/α):      0.545 / 0.533 / 0.525
+    SPO entropy on S:               1.572 / 1.729 / 1.775   (log 6 = 1.792)
+    SPO best-of-4 / ranked (Plackett–Luce, 10^5 rankings, padded sizes 3–4) at α=1: 0.0026 / 0.0029
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from spo_ray.losses import dpo_loss, spo_best_of_n_loss, spo_pairwise_loss, spo_ranked_loss
+
+N_RESPONSES = 8  # the policy's whole support
+S = torch.arange(6)  # the compared responses
+N_PAIRS = 1_000_000
+RNG_SEED = 0
+
+
+def _problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reward on S [6], ref logits [8], and Bradley–Terry win counts: pairs (winner, loser) with counts."""
+    rng = np.random.default_rng(RNG_SEED)
+    reward = torch.tensor(rng.normal(0.0, 1.0, len(S)))
+    ref_logits = torch.tensor(rng.normal(0.0, 1.5, N_RESPONSES))
+    unordered = list(itertools.combinations(S.tolist(), 2))
+    pair_frequency = rng.dirichlet(np.ones(len(unordered)))  # some pairs compared far more than others
+    comparisons = rng.multinomial(N_PAIRS, pair_frequency)
+    winners, losers, counts = [], [], []
+    for (i, j), n in zip(unordered, comparisons):
+        i_wins = rng.binomial(n, 1.0 / (1.0 + np.exp(-(reward[i] - reward[j]).item())))
+        winners += [i, j]
+        losers += [j, i]
+        counts += [i_wins, n - i_wins]
+    return (
+        reward,
+        ref_logits,
+        torch.tensor(winners),
+        torch.tensor(losers),
+        torch.tensor(counts, dtype=torch.float64),
+    )
+
+
+REWARD, REF_LOGITS, WINNERS, LOSERS, WIN_COUNTS = _problem()
+
+
+def _minimize(loss_of_logps, start_logits: torch.Tensor) -> torch.Tensor:
+    """Minimize loss_of_logps(log_softmax(logits)) over free logits; returns the distribution on S, normalized."""
+    logits = start_logits.clone().requires_grad_()
+    optimizer = torch.optim.LBFGS(
+        [logits],
+        lr=1.0,
+        max_iter=500,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of_logps(torch.log_softmax(logits, dim=0))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    closure()
+    assert logits.grad.abs().max() < 1e-6, "tabular optimization did not converge"
+    return torch.softmax(logits.detach()[S], dim=0)
+
+
+def _spo_pairwise_solution(alpha: float) -> torch.Tensor:
+    def loss(logps):
+        per_pair = spo_pairwise_loss(logps[WINNERS], logps[LOSERS], alpha)
+        return (WIN_COUNTS * per_pair).sum() / N_PAIRS
+
+    return _minimize(loss, REF_LOGITS)
+
+
+def _dpo_solution(beta: float) -> torch.Tensor:
+    ref_logps = torch.log_softmax(REF_LOGITS, dim=0)
+
+    def loss(logps):
+        per_pair = dpo_loss(logps[WINNERS], logps[LOSERS], ref_logps[WINNERS], ref_logps[LOSERS], beta)
+        return (WIN_COUNTS * per_pair).sum() / N_PAIRS
+
+    return _minimize(loss, REF_LOGITS)
+
+
+def _total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    return 0.5 * float((p - q).abs().sum())
+
+
+def _entropy(p: torch.Tensor) -> float:
+    return float(-(p * p.log()).sum())
+
+
+def _target(alpha: float) -> torch.Tensor:
+    return torch.softmax(REWARD / alpha, dim=0)
+
+
+ALPHAS = (0.5, 1.0, 2.0)
+
+
+@pytest.fixture(scope="module")
+def spo_solutions() -> dict[float, torch.Tensor]:
+    return {alpha: _spo_pairwise_solution(alpha) for alpha in ALPHAS}
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_spo_converges_to_softmax_of_rewards_over_alpha(spo_solutions, alpha):
+    tv = _total_variation(spo_solutions[alpha], _target(alpha))
+    print(f"\nSPO pairwise, α={alpha}: TV to softmax(r/α) = {tv:.4f}")
+    assert tv < 0.02
+
+
+def test_spo_optimum_is_flatter_for_larger_alpha(spo_solutions):
+    entropies = [_entropy(spo_solutions[alpha]) for alpha in ALPHAS]
+    print(f"\nSPO entropy on S for α={ALPHAS}: {[round(h, 4) for h in entropies]}")
+    assert entropies[0] < entropies[1] < entropies[2]
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_dpo_converges_to_reference_tilted_by_rewards_and_misses_the_spo_target(spo_solutions, alpha):
+    beta = alpha  # same temperature, so the only difference is the π_ref factor
+    dpo = _dpo_solution(beta)
+    ref_on_s = torch.softmax(REF_LOGITS[S], dim=0)
+    dpo_target = ref_on_s * torch.exp(REWARD / beta)
+    dpo_target = dpo_target / dpo_target.sum()
+    tv_dpo_own = _total_variation(dpo, dpo_target)
+    tv_dpo_spo_target = _total_variation(dpo, _target(alpha))
+    tv_spo = _total_variation(spo_solutions[alpha], _target(alpha))
+    print(
+        f"\nα=β={alpha}: DPO TV to π_ref·exp(r/β) = {tv_dpo_own:.4f}; TV to softmax(r/α): "
+        f"DPO {tv_dpo_spo_target:.4f} vs SPO {tv_spo:.4f}"
+    )
+    assert tv_dpo_own < 0.02
+    assert tv_dpo_spo_target > tv_spo + 0.1
+
+
+def _plackett_luce_rankings(n_rankings: int, sizes: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Rankings [M, max(sizes)] of random subsets of S, best first, drawn from Plackett–Luce with scores r;
+    rows shorter than the widest are padded with -1."""
+    rng = np.random.default_rng(seed)
+    width = max(sizes)
+    rankings = np.full((n_rankings, width), -1)
+    reward = REWARD.numpy()
+    for row in range(n_rankings):
+        subset = rng.choice(len(S), size=rng.choice(sizes), replace=False)
+        # Sorting reward + Gumbel noise is an exact Plackett–Luce draw.
+        order = np.argsort(-(reward[subset] + rng.gumbel(size=len(subset))))
+        rankings[row, : len(subset)] = subset[order]
+    return torch.from_numpy(rankings)
+
+
+def test_best_of_n_spo_converges_to_the_same_softmax_target():
+    rankings = _plackett_luce_rankings(100_000, sizes=(4,), seed=1)
+    # Columns: the 4 compared responses in a fixed order; the winner is ranking[:, 0].
+    columns = rankings.sort(dim=1).values
+    best_index = (columns == rankings[:, :1]).long().argmax(dim=1)
+    alpha = 1.0
+    solution = _minimize(
+        lambda logps: spo_best_of_n_loss(logps[columns], best_index, alpha).mean(), REF_LOGITS
+    )
+    tv = _total_variation(solution, _target(alpha))
+    print(f"\nSPO best-of-4, α={alpha}: TV to softmax(r/α) = {tv:.4f}")
+    assert tv < 0.02
+
+
+def test_ranked_spo_with_padded_rankings_converges_to_the_same_softmax_target():
+    rankings = _plackett_luce_rankings(100_000, sizes=(3, 4), seed=2)
+    # logps columns are the responses of S themselves; the ranking indexes them directly.
+    alpha = 1.0
+    solution = _minimize(
+        lambda logps: spo_ranked_loss(logps[S].expand(len(rankings), -1), rankings, alpha).mean(), REF_LOGITS
+    )
+    tv = _total_variation(solution, _target(alpha))
+    print(f"\nSPO ranked (Plackett–Luce, sizes 3–4), α={alpha}: TV to softmax(r/α) = {tv:.4f}")
+    assert tv < 0.02
