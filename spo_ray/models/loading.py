@@ -1,0 +1,106 @@
+"""Resolve and load the policy and its frozen reference: HF folders, GGUF files, the tiny model, LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from spo_ray.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(model_cfg, work_dir: str | os.PathLike) -> str:
+    """A Hugging Face folder for `model.path`: builds the tiny model or converts a GGUF file once."""
+    work_dir = Path(work_dir)
+    if model_cfg.path == "tiny":
+        out = work_dir / "tiny_model"
+        if not (out / "config.json").exists():
+            from spo_ray.models.tiny import build_tiny_model
+
+            t = model_cfg.tiny
+            build_tiny_model(
+                out,
+                seed=t.seed,
+                vocab_size=t.vocab_size,
+                hidden_size=t.hidden_size,
+                num_layers=t.num_layers,
+                intermediate_size=t.intermediate_size,
+            )
+        return str(out)
+    if model_cfg.path == "smollm2" or str(model_cfg.path).endswith(".gguf"):
+        from spo_ray.models.gguf import convert_gguf_to_hf, find_smollm2_gguf
+
+        gguf = find_smollm2_gguf() if model_cfg.path == "smollm2" else model_cfg.path
+        out = work_dir / "base_model"
+        if not (out / "config.json").exists():
+            convert_gguf_to_hf(gguf, out)
+        return str(out)
+    if not (Path(model_cfg.path) / "config.json").exists():
+        raise ConfigError(
+            "model.path", f"'{model_cfg.path}' is not a Hugging Face model folder (no config.json)"
+        )
+    return str(model_cfg.path)
+
+
+def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy_and_reference(model_cfg, policy_dir: str, reference_dir: str | None = None):
+    """(policy, reference or None, reference_mode or None).
+
+    Without LoRA the reference is a frozen copy (of `reference_dir`, or of the starting policy). With LoRA
+    (`model.lora.r > 0`) there is no copy: `reference_mode()` disables the adapter around a forward.
+    """
+    policy = load_causal_lm(policy_dir, model_cfg.dtype)
+    if model_cfg.lora.r > 0:
+        if reference_dir and reference_dir != policy_dir:
+            raise ConfigError(
+                "model.reference_path", "with LoRA the reference is the base model; leave it empty"
+            )
+        from peft import LoraConfig, get_peft_model
+
+        lora = model_cfg.lora
+        policy = get_peft_model(
+            policy,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+
+        def reference_mode():
+            return policy.disable_adapter()
+
+        return policy, None, reference_mode
+    reference = load_causal_lm(reference_dir or policy_dir, model_cfg.dtype)
+    reference.requires_grad_(False).eval()
+    return policy, reference, None
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

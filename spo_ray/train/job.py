@@ -1,0 +1,120 @@
+"""A whole job: prepare a built-in task if configured, train, evaluate, plot, and print a short table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from spo_ray.config import Config
+from spo_ray.train.runner import run_training
+
+
+def run_job(cfg: Config) -> dict:
+    """`spo-ray train`: plain training, or the synthetic expert task with exact before/after evaluation."""
+    if cfg.task.name == "synthetic_expert":
+        return run_expert_job(cfg)
+    return run_training(cfg)
+
+
+def prepare_expert_task(cfg: Config, out: Path) -> tuple[Config, object]:
+    """Write the task, its preference data and a reference fitted to the task's non-uniform q (once, in `out`)."""
+    from spo_ray.data.synthetic import write_synthetic_expert_data
+    from spo_ray.judges.synthetic_expert import SyntheticExpertTask
+    from spo_ray.models.loading import resolve_model_dir
+    from spo_ray.train.sft import fit_reference
+
+    t = cfg.task
+    task_dir = out / "task"
+    if (task_dir / "task.json").exists():
+        task = SyntheticExpertTask.load(task_dir / "task.json")
+    else:
+        task = SyntheticExpertTask.build(
+            seed=t.seed, num_prompts=t.num_prompts, num_candidates=t.num_candidates
+        )
+    paths = write_synthetic_expert_data(task_dir, task, t.num_pairs, t.seed)
+    reference_dir = out / "expert_reference"
+    if not (reference_dir / "config.json").exists():
+        base = resolve_model_dir(cfg.model, out)
+        fit = fit_reference(base, task, reference_dir, steps=t.reference_fit_steps, seed=t.seed)
+        print(
+            f"reference fitted to q: TV {fit['tv_to_reference']:.4f}, mass on S {fit['mass_on_s']:.3f}, {fit['seconds']:.1f}s"
+        )
+    model = dataclasses.replace(cfg.model, path=str(reference_dir), reference_path="")
+    data = dataclasses.replace(
+        cfg.data,
+        train_files=[str(paths["preferences"])],
+        reg_prompts_file=cfg.data.reg_prompts_file or str(paths["prompts"]),
+    )
+    return dataclasses.replace(cfg, model=model, data=data), task
+
+
+def _distribution_on_s(model_dir: str, task):
+    from spo_ray.eval.expert import response_distribution
+    from spo_ray.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(model_dir).eval()
+    return response_distribution(model, load_tokenizer(model_dir), task)
+
+
+def _evaluate(model_dir: str, task, cfg: Config, reference) -> dict:
+    from spo_ray.eval.expert import expert_metrics
+
+    probs = _distribution_on_s(model_dir, task)
+    return expert_metrics(probs, task, cfg.loss.alpha, beta=cfg.loss.ref_beta, reference=reference)
+
+
+def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
+    """Train on the synthetic expert task; `task_root` shares one task + fitted reference between runs."""
+    from spo_ray.eval.plots import plot_curves, plot_expert_distributions
+    from spo_ray.train.metrics import read_metrics
+
+    out = Path(cfg.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, task = prepare_expert_task(cfg, task_root or out)
+    reference = _distribution_on_s(cfg.model.path, task)
+    from spo_ray.eval.expert import expert_metrics
+
+    before = expert_metrics(reference, task, cfg.loss.alpha, beta=cfg.loss.ref_beta, reference=reference)
+    summary = run_training(cfg)
+    after = _evaluate(summary["final_model"], task, cfg, reference)
+    import torch
+
+    plot_expert_distributions(
+        torch.tensor(after["distribution_on_s"]),
+        task.target_distribution(cfg.loss.alpha),
+        torch.tensor(before["distribution_on_s"]),
+        out / "distributions.png",
+        title=f"{cfg.loss.name} (alpha={cfg.loss.alpha}): learned vs softmax(r/alpha) vs reference",
+    )
+    plot_curves(read_metrics(out), ["pref_loss", "kl_k1", "kl_k3", "accuracy"], out / "curves.png")
+    summary.update(
+        expert_tv_before=before["tv_to_target"],
+        expert_tv_after=after["tv_to_target"],
+        entropy_before=before["entropy"],
+        entropy_after=after["entropy"],
+        target_entropy=after["target_entropy"],
+        mass_on_s_before=before["mass_on_s"],
+        mass_on_s_after=after["mass_on_s"],
+        expected_reward_before=before["expected_reward"],
+        expected_reward_after=after["expected_reward"],
+        tv_to_dpo_optimum_after=after.get("tv_to_dpo_optimum"),
+        plots=[str(out / "distributions.png"), str(out / "curves.png")],
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_expert_table([summary], [cfg.loss.name]))
+    return summary
+
+
+def format_expert_table(summaries: list[dict], names: list[str]) -> str:
+    """A short console table: TV to softmax(r/alpha), entropy and mass on S, before -> after."""
+    lines = [
+        f"{'run':<10} {'TV before':>10} {'TV after':>10} {'entropy':>16} {'mass on S':>10} {'steps':>6} {'wall s':>7}"
+    ]
+    for name, s in zip(names, summaries):
+        lines.append(
+            f"{name:<10} {s['expert_tv_before']:>10.4f} {s['expert_tv_after']:>10.4f} "
+            f"{s['entropy_before']:>7.3f}->{s['entropy_after']:<7.3f} {s['mass_on_s_after']:>10.3f} "
+            f"{s['steps']:>6} {s['wall_seconds']:>7.1f}"
+        )
+    return "\n".join(lines)

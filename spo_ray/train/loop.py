@@ -1,0 +1,205 @@
+"""`train_loop_per_worker`: the recipe each Ray Train worker runs (data -> forward -> loss -> step -> sync)."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from spo_ray.config import config_from_dict
+from spo_ray.data import collate_preference_batch
+from spo_ray.losses import LossParams, get_loss
+from spo_ray.models.loading import load_policy_and_reference
+from spo_ray.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from spo_ray.train.metrics import MetricsLogger
+from spo_ray.train.online import OnlineSampler
+from spo_ray.train.optim import build_optimizer
+from spo_ray.train.step import SampleBatch, StepContext, compute_step
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _mean_across_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1:
+        return metrics
+    keys = sorted(metrics)
+    packed = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(packed)
+    return dict(zip(keys, (packed / world_size).tolist()))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Run SPO (or any registry loss) on this worker's shard; rank 0 logs, syncs and checkpoints."""
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg.train.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+
+    policy, reference, reference_mode = load_policy_and_reference(
+        cfg.model, loop_config["model_dir"], loop_config["reference_dir"]
+    )
+    if reference is not None:
+        reference.to(device)
+    policy = ray.train.torch.prepare_model(policy, parallel_strategy=cfg.train.strategy)
+    optimizer, scheduler = build_optimizer(policy, cfg.train)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(
+                ckpt_dir, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler
+            )
+
+    step_ctx = StepContext(
+        policy=policy,
+        reference=reference,
+        reference_mode=reference_mode,
+        spec=get_loss(cfg.loss.name),
+        params=LossParams(
+            alpha=cfg.loss.alpha,
+            beta=cfg.loss.ref_beta,
+            epsilon=cfg.loss.epsilon,
+            gamma=cfg.loss.gamma,
+            eta=cfg.loss.eta,
+        ),
+        kl_beta=cfg.loss.beta,
+        kl_estimator=cfg.loss.kl_estimator,
+        importance_clip=cfg.rollout.importance_clip,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None,
+    )
+    online = None
+    if cfg.loss.beta > 0 and loop_config.get("rollout_pool") is not None:
+        online = OnlineSampler(
+            loop_config["rollout_pool"],
+            loop_config["reg_prompts"],
+            cfg.rollout,
+            rank=rank,
+            seed=cfg.train.seed,
+        )
+    if online is not None and state.step > 0:  # resumed: the rollout must serve the restored weights
+        if rank == 0:
+            online.sync(policy, state.step)
+        state.policy_version = state.step
+        if world > 1:
+            torch.distributed.barrier()
+    logger = (
+        MetricsLogger(
+            loop_config["output_dir"], cfg.logging, loop_config["config"], cfg.train.max_steps, state.step
+        )
+        if rank == 0
+        else None
+    )
+
+    batches = _batch_stream(cfg, state, loop_config["pad_token_id"], rank, world)
+    pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    policy.train()
+    while state.step < cfg.train.max_steps:
+        step_start = time.perf_counter()
+        data_wait = gen_wait = sync_time = 0.0
+        totals: dict[str, float] = {}
+        samples, lag = None, 0
+        if online is not None:
+            samples, gen_wait, lag = online.get(state.step)
+        for micro in range(cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch, epoch, consumed = next(batches)
+            data_wait += time.perf_counter() - t0
+            sample_batch = None
+            if samples is not None:
+                share = samples[micro :: cfg.train.grad_accum]
+                sample_batch = (
+                    SampleBatch.from_samples(share, loop_config["pad_token_id"], device) if share else None
+                )
+            batch = batch.to(device)
+            sync_grads = micro == cfg.train.grad_accum - 1 or world == 1
+            with policy.no_sync() if not sync_grads and hasattr(policy, "no_sync") else _null():
+                out = compute_step(step_ctx, batch, sample_batch)
+                (out.loss / cfg.train.grad_accum).backward()
+            for key, value in out.metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.train.grad_accum
+            totals["tokens"] = totals.get("tokens", 0.0) + out.num_tokens
+        if cfg.train.max_grad_norm > 0:
+            totals["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.epoch, state.consumed_in_epoch = epoch, consumed
+        if online is not None and state.step % cfg.rollout.sync_every == 0:
+            if rank == 0:
+                sync_time = online.sync(policy, state.step)
+            state.policy_version = state.step - state.step % cfg.rollout.sync_every
+        elapsed = time.perf_counter() - step_start
+        totals.update(
+            lr=scheduler.get_last_lr()[0],
+            policy_lag=float(lag),
+            step_seconds=elapsed,
+            data_wait_frac=data_wait / elapsed,
+            gen_wait_frac=gen_wait / elapsed,
+            sync_seconds=sync_time,
+            stale_resamples=float(online.stale_resamples if online else 0),
+        )
+        metrics = _mean_across_ranks(totals, world)
+        metrics.update(data_epoch=float(state.epoch), data_consumed=float(state.consumed_in_epoch))
+        metrics["tokens_per_s"] = metrics.pop("tokens") * world / elapsed
+        metrics["pairs_per_s"] = pairs_per_step / elapsed
+        if logger is not None:
+            logger.log(state.step, metrics)
+        last = state.step == cfg.train.max_steps
+        if last or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+            _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics)
+    if logger is not None:
+        logger.close()
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _batch_stream(cfg, state: TrainState, pad_token_id: int, rank: int, world: int):
+    """(batch, epoch, consumed_in_epoch) from this rank's shard, resuming after the checkpoint's position.
+
+    Rank r holds the epoch positions start+r, start+r+W, ... (see `train_shards`); rows before
+    (state.epoch, state.consumed_in_epoch) were trained on already and are skipped, so a worker group
+    restarted from a checkpoint continues with the next unseen example.
+    """
+    shard = ray.train.get_dataset_shard(f"train_rank{rank}")
+    size = cfg.train.batch_size
+    pending: dict[str, np.ndarray] | None = None
+    for rows in shard.iter_batches(batch_size=size, batch_format="numpy"):
+        epochs, positions = rows["epoch"], rows["epoch_position"]
+        unseen = (epochs > state.epoch) | ((epochs == state.epoch) & (positions >= state.consumed_in_epoch))
+        rows = {key: value[unseen] for key, value in rows.items()}
+        pending = rows if pending is None else {k: np.concatenate([pending[k], rows[k]]) for k in rows}
+        while len(pending["example_id"]) >= size:
+            head = {k: v[:size] for k, v in pending.items()}
+            pending = {k: v[size:] for k, v in pending.items()}
+            consumed = int(head["epoch_position"][-1]) - rank + world  # global count after this batch
+            yield (
+                collate_preference_batch(head, pad_token_id, packing=cfg.data.packing),
+                int(head["epoch"][-1]),
+                consumed,
+            )
+    raise RuntimeError(
+        "the training stream ran out of rows before train.max_steps (driver computes num_epochs)"
+    )
+
+
+def _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler, state=state)
+        ray.train.report({"step": state.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

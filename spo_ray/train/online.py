@@ -1,0 +1,73 @@
+"""Online samples for the global KL regularizer: requested a step ahead, policy lag enforced, weights synced.
+
+Versions: the rollout serves the weights synced after optimizer step v (version v; 0 = the start). At
+step s a sample generated from version v lags by s − v steps. With `overlap` the samples for step s+1
+are requested while step s computes, so lag is (sync_every − 1) + 1 at most; a batch whose lag exceeds
+`rollout.max_policy_lag` is thrown away and generated again (counted in `stale_resamples`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class OnlineSampler:
+    """Draws regularization prompts per (rank, step) deterministically and fetches their samples."""
+
+    def __init__(self, pool, prompts: list[list[int]], rollout_cfg, *, rank: int, seed: int):
+        if not prompts:
+            raise ValueError("the global KL regularizer needs prompts, and none were found")
+        self.pool = pool
+        self.prompts = prompts
+        self.cfg = rollout_cfg
+        self.rank = rank
+        self.seed = seed
+        self.pending: dict[int, object] = {}
+        self.stale_resamples = 0
+
+    def _prompts_for(self, step: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        picks = rng.choice(
+            len(self.prompts),
+            size=self.cfg.prompts_per_step,
+            replace=len(self.prompts) < self.cfg.prompts_per_step,
+        )
+        return [self.prompts[i] for i in picks]
+
+    def request(self, step: int) -> None:
+        """Start generating the samples that step `step` will use."""
+        if step not in self.pending:
+            self.pending[step] = self.pool.generate_async(
+                self._prompts_for(step),
+                n=self.cfg.samples_per_prompt,
+                max_tokens=self.cfg.max_tokens,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+            )
+
+    def get(self, step: int) -> tuple[list, float, int]:
+        """(flat samples, seconds waited, policy lag) for `step`; regenerates once if too stale."""
+        start = time.perf_counter()
+        self.request(step)
+        samples = [s for group in self.pending.pop(step).result(timeout=self.cfg.timeout_s) for s in group]
+        lag = step - min(s.policy_version for s in samples)
+        if lag > self.cfg.max_policy_lag:
+            self.stale_resamples += 1
+            self.request(step)
+            samples = [
+                s for group in self.pending.pop(step).result(timeout=self.cfg.timeout_s) for s in group
+            ]
+            lag = step - min(s.policy_version for s in samples)
+        if self.cfg.overlap:
+            self.request(step + 1)
+        return samples, time.perf_counter() - start, lag
+
+    def sync(self, model, version: int) -> float:
+        """Push the policy's (LoRA-merged) weights to every rollout actor; returns seconds taken."""
+        from spo_ray.rollout.weights import state_dict_for_sync
+
+        start = time.perf_counter()
+        self.pool.sync_weights(state_dict_for_sync(model), version)
+        return time.perf_counter() - start

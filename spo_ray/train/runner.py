@@ -1,0 +1,166 @@
+"""Driver side of a training run: resolve the model, stream the data, start the rollout pool, run TorchTrainer.
+
+`run_training(cfg)` is what `spo-ray train` and `jobs/train_spo.py` call. Re-running it on the same output
+dir resumes from the latest checkpoint (Ray Train restores its run state from `storage_path/name`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from spo_ray.config import Config, config_to_dict
+from spo_ray.data import load_reg_prompts, prepare_preference_data, train_shards
+from spo_ray.errors import ConfigError
+from spo_ray.models.loading import load_tokenizer, resolve_model_dir
+from spo_ray.train.checkpointing import latest_checkpoint_dir, read_state
+from spo_ray.train.export import export_final_model
+from spo_ray.train.loop import train_loop_per_worker
+from spo_ray.train.metrics import read_metrics
+
+RUN_NAME = "ray_train"
+
+
+DATA_CPUS = 2  # logical CPUs left for Ray Data's read/tokenize/sort tasks in a local runtime
+
+
+def local_cpus_needed(cfg: Config) -> int:
+    """Logical CPUs a local runtime needs so trainers, rollout actors and Ray Data never starve each other."""
+    rollout = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor if cfg.loss.beta > 0 else 0
+    return math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + rollout) + DATA_CPUS
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local runtime sized for this run.
+
+    On a laptop the logical CPU count is raised to what the run reserves (trainers + rollout actors +
+    Ray Data), oversubscribing the cores rather than deadlocking on 2 of them; clusters keep their own.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, configure_logging=False)
+    else:
+        # address="local": always a fresh runtime; plain ray.init() would attach to any `ray start` on the machine
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, local_cpus_needed(cfg)),
+            include_dashboard=False,
+            configure_logging=False,
+        )
+
+
+def epochs_needed(cfg: Config, num_examples: int, start: int, done_steps: int) -> int:
+    """Epochs the stream must cover (from position `start`) for the remaining optimizer steps."""
+    world = cfg.train.num_workers
+    per_epoch = num_examples - num_examples % world  # the remainder < world is dropped each epoch
+    if per_epoch < cfg.train.batch_size * world:
+        raise ConfigError(
+            "train.batch_size",
+            f"{num_examples} training examples cannot fill one batch of {cfg.train.batch_size} on each of {world} workers",
+        )
+    remaining = (cfg.train.max_steps - done_steps) * cfg.train.batch_size * cfg.train.grad_accum * world
+    beyond_first = max(0, remaining - (per_epoch - start))
+    return 1 + math.ceil(beyond_first / per_epoch) + 1  # +1: batches straddle epoch ends
+
+
+def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
+    """Train per `cfg`, write `summary.json`, `metrics.jsonl` and `final/` into `cfg.output.dir`; return the summary."""
+    started = time.perf_counter()
+    out = Path(cfg.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    ensure_ray(cfg)
+
+    model_dir = resolve_model_dir(cfg.model, out)
+    reference_dir = cfg.model.reference_path or model_dir
+    tokenizer = load_tokenizer(model_dir)
+    prepared = prepare_preference_data(cfg.data, model_dir, str(out))
+
+    storage = out / "checkpoints"
+    latest = latest_checkpoint_dir(storage / RUN_NAME)
+    position = read_state(latest) if latest else None
+    start = {
+        "epoch": position.epoch if position else 0,
+        "consumed": position.consumed_in_epoch if position else 0,
+    }
+    world = cfg.train.num_workers
+    shards = train_shards(
+        prepared,
+        world_size=world,
+        seed=cfg.data.shuffle_seed,
+        epoch=start["epoch"],
+        start=start["consumed"],
+        num_epochs=epochs_needed(
+            cfg, prepared.num_train, start["consumed"], position.step if position else 0
+        ),
+    )
+
+    pool, reg_prompts = None, None
+    if cfg.loss.beta > 0:
+        from spo_ray.rollout import RolloutPool
+
+        reg_prompts = load_reg_prompts(cfg.data, model_dir)
+        pool = RolloutPool.from_config(model_dir, cfg.rollout)
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "config": config_to_dict(cfg),
+                "model_dir": model_dir,
+                "reference_dir": reference_dir,
+                "pad_token_id": tokenizer.pad_token_id,
+                "output_dir": str(out),
+                "rollout_pool": pool,
+                "reg_prompts": reg_prompts,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=world,
+                use_gpu=cfg.train.use_gpu,
+                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=RUN_NAME,
+                storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            ),
+            datasets=shards,
+            dataset_config=DataConfig(datasets_to_split=[]),
+        )
+        result = trainer.fit()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as ckpt_dir:
+        final_state = read_state(ckpt_dir)
+        export_final_model(cfg.model, model_dir, ckpt_dir, out / "final")
+
+    metrics = read_metrics(out)
+    wall = time.perf_counter() - started
+    pair_rates = [m["pairs_per_s"] for m in metrics if "pairs_per_s" in m]
+    summary = {
+        "steps": final_state.step,
+        "resumed_from_step": position.step if position else 0,
+        "final_metrics": metrics[-1] if metrics else {},
+        "wall_seconds": round(wall, 2),
+        "pairs_per_second": round(sum(pair_rates) / len(pair_rates), 4) if pair_rates else 0.0,
+        "bad_rows": prepared.bad_rows,
+        "quarantine_path": prepared.quarantine_path,
+        "num_train_examples": prepared.num_train,
+        "loss": cfg.loss.name,
+        "final_model": str(out / "final"),
+    }
+    summary.update(task_info or {})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,217 @@
+"""The end-to-end job on real Ray Train + real vLLM CPU rollout: summary, final model, resume, crash recovery."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from spo_ray.config import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small online SPO run on the synthetic expert task: a few steps, checkpoints every 3.
+SMALL = [
+    "task.num_pairs=400",
+    "task.reference_fit_steps=30",
+    "train.batch_size=8",
+    "train.checkpoint_every=3",
+    "train.warmup_steps=1",
+    "rollout.prompts_per_step=2",
+    "rollout.samples_per_prompt=1",
+    "rollout.max_tokens=8",
+    "logging.progress=false",
+]
+
+
+def small_config(out_dir, *extra):
+    return load_config(REPO / "configs" / "tiny_cpu.yaml", [*SMALL, f"output.dir={out_dir}", *extra])
+
+
+def metric_rows(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_positions_continue_without_repeats_or_skips(rows, pairs_per_step):
+    """Each step consumed exactly the next `pairs_per_step` examples of the epoch stream."""
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    consumed = [r["data_consumed"] for r in rows]
+    assert consumed == [pairs_per_step * (i + 1) for i in range(len(rows))], consumed
+
+
+def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spo_ray.train.job import run_job
+
+    out = tmp_path / "run"
+    # overlap off: samples come from exactly the weights synced after the previous step (lag 0)
+    first = run_job(small_config(out, "train.max_steps=6", "rollout.overlap=false"))
+    for key in (
+        "steps",
+        "resumed_from_step",
+        "final_metrics",
+        "wall_seconds",
+        "pairs_per_second",
+        "bad_rows",
+        "expert_tv_before",
+        "expert_tv_after",
+        "entropy_before",
+        "entropy_after",
+    ):
+        assert key in first, key
+    assert first["steps"] == 6 and first["resumed_from_step"] == 0
+    last = first["final_metrics"]
+    for key in (
+        "pref_loss",
+        "kl_k1",
+        "kl_k3",
+        "accuracy",
+        "margin",
+        "sample_entropy",
+        "policy_lag",
+        "rollout_logp_gap",
+        "tokens_per_s",
+        "pairs_per_s",
+        "data_wait_frac",
+        "gen_wait_frac",
+    ):
+        assert key in last, key
+    assert last["policy_lag"] == 0
+    # rollout log-probs of the sampled tokens match the trainer's: the weights really were synced
+    assert last["rollout_logp_gap"] < 1e-3
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.model_type == "llama"
+    assert (out / "distributions.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+
+    second = run_job(small_config(out, "train.max_steps=9", "rollout.overlap=false"))
+    assert second["resumed_from_step"] == 6 and second["steps"] == 9
+    assert_positions_continue_without_repeats_or_skips(metric_rows(out), pairs_per_step=8)
+
+
+def _kill_train_worker_after(out_dir: Path, step: int, killed: list) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            done = max((r["step"] for r in metric_rows(out_dir)), default=0)
+        except (FileNotFoundError, json.JSONDecodeError):
+            done = 0
+        if done >= step:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+            return
+        time.sleep(0.2)
+
+
+def test_killed_train_worker_restarts_from_latest_checkpoint_and_finishes(ray_runtime, tmp_path):
+    from spo_ray.train.job import run_job
+
+    out = tmp_path / "crash"
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_train_worker_after, args=(out, 4, killed), daemon=True)
+    killer.start()
+    summary = run_job(small_config(out, "train.max_steps=8", "loss.beta=0", "train.max_failures=2"))
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker process was found to kill"
+    assert summary["steps"] == 8
+    # the restarted group resumed from the step-3 checkpoint; metrics past it were rewritten once
+    assert_positions_continue_without_repeats_or_skips(metric_rows(out), pairs_per_step=8)
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Stop only this test's Ray head (not the suite's own runtime): its process group, then stragglers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=30)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(bin_dir / "ray")
+    temp_dir = tempfile.mkdtemp(
+        prefix="rayjob", dir="/tmp"
+    )  # short: Ray's socket paths must stay < 108 chars
+    head = subprocess.Popen(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--port=6391",
+            "--num-cpus=4",
+            "--dashboard-host=127.0.0.1",
+            "--dashboard-port=8275",
+            "--ray-client-server-port=10009",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    out = tmp_path / "job_out"
+    overrides = [arg for setting in [*SMALL, "train.max_steps=4"] for arg in ("--set", setting)]
+    submit = [
+        ray_cli,
+        "job",
+        "submit",
+        "--address=http://127.0.0.1:8275",
+        "--working-dir=.",
+        "--runtime-env=jobs/runtime_env.yaml",
+        "--",
+        "python",
+        "jobs/train_spo.py",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        "--output-dir",
+        str(out),
+        *overrides,
+    ]
+    try:
+        deadline = time.time() + 120
+        while True:  # the dashboard's job server takes a few seconds after the head starts
+            status = subprocess.run(
+                [ray_cli, "job", "list", "--address=http://127.0.0.1:8275"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if status.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
+        done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout.lower()
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 4 and "expert_tv_after" in summary
+    finally:
+        _stop_head(head, temp_dir)
