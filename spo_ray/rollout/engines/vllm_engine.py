@@ -1,0 +1,134 @@
+"""The vLLM engine (CPU build here, GPU build on clusters), run in-process inside its Ray actor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from spo_ray.errors import UserError
+from spo_ray.rollout.engines.base import RawCompletion, RolloutEngine
+from spo_ray.rollout.types import SamplingSettings
+
+# vLLM workers gain the methods of this class (reached with LLM.collective_rpc).
+WORKER_EXTENSION = "spo_ray.rollout.engines.vllm_worker.WeightReloadExtension"
+
+# The engine core runs inside the Ray actor's process rather than in a spawned child: the actor's
+# pid is the engine's pid, a killed actor takes its engine with it, and no `__main__` guard is needed.
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+CPU_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,  # torch.compile on CPU costs minutes of start-up for little gain here
+    # On CPU, gpu_memory_utilization is a fraction of *host* memory; a fixed KV budget is safer.
+    "kv_cache_memory_bytes": 256 << 20,
+}
+
+
+class VllmEngine(RolloutEngine):
+    """`vllm.LLM` with in-place weight reloads and per-prompt seeds."""
+
+    llm: Any = None
+
+    def start(self) -> None:
+        from transformers import AutoConfig
+        from vllm.platforms import current_platform
+
+        config = AutoConfig.from_pretrained(self.model_path)
+        options = dict(self.engine_options)
+        # vLLM's "auto" turns float32 checkpoints into 16-bit; serve the stored dtype so rollout
+        # log-probs match the trainer's (pass dtype= to choose otherwise).
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        options.setdefault("dtype", str(stored).removeprefix("torch.") if stored else "auto")
+        if current_platform.is_cpu():
+            self._check_cpu_head_size(config)
+            for key, value in CPU_DEFAULTS.items():
+                options.setdefault(key, value)
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(
+                model=self.model_path, seed=self.seed, worker_extension_cls=WORKER_EXTENSION, **options
+            )
+        except Exception as exc:
+            raise UserError(
+                f"vLLM cannot serve the model at {self.model_path}: {type(exc).__name__}: {exc} "
+                "(use backend='hf' for models vLLM does not support)"
+            ) from None
+
+    def _check_cpu_head_size(self, config: Any) -> None:
+        """vLLM's CPU attention supports a few head sizes; fail with the reason before loading."""
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        config = getattr(config, "text_config", None) or config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in supported:
+            raise UserError(
+                f"vLLM's CPU build cannot serve the model at {self.model_path}: its attention head size is "
+                f"{head_dim}, and CPU attention supports only {supported}. Use backend='hf', or a model "
+                "with a supported head size (the tiny model uses 64)."
+            )
+
+    def _tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
+
+    def _limits(self) -> tuple[int, int]:
+        model_config = self.llm.llm_engine.model_config
+        return model_config.get_vocab_size(), model_config.max_model_len
+
+    def _load_state_dict(self, payload: np.ndarray) -> None:
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        if parallel.world_size > 1:  # workers in other processes: RPC arguments are serialized
+            payload = payload.tobytes()
+        self.llm.collective_rpc("reload_safetensors", args=(payload,))
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    def _generate(
+        self, prompt_ids: list[list[int]], settings: SamplingSettings, seeds: list[int]
+    ) -> list[list[RawCompletion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=settings.n,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=seed,
+                logprobs=0,  # the sampled token's log-prob only
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+        )
+        results = []
+        for output in outputs:
+            completions = []
+            for choice in sorted(output.outputs, key=lambda c: c.index):
+                tokens = list(choice.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(choice.logprobs, tokens)]
+                completions.append((tokens, logprobs, choice.finish_reason or "length", choice.text))
+            results.append(completions)
+        return results
+
+    # -- vLLM's weight-transfer engines (GPU transports), driven by spo_ray.rollout.transports ----
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        """Join the trainer's transfer group (NCCL) or accept its IPC handles."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        """Finish the update, drop prefix KV computed with old weights, stamp `version`."""
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()
+        self.policy_version = version

@@ -1,0 +1,314 @@
+"""The rollout manager actor: owns the engine actors, balances requests, replaces dead or hung ones.
+
+Every RolloutPool copy (the driver's, a Ray Train worker's) talks to this one actor, so the engine
+set, the latest weights (an object-store ref) and the policy version have a single owner. Each call
+to an engine has a deadline (`timeout_s`, counted from when the engine starts it); an engine that
+dies or misses one is killed and replaced, and the replacement loads the latest weights before it
+is given any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from spo_ray.rollout.engines import engine_class
+from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSpec:
+    """Everything needed to start (or restart) one engine actor."""
+
+    backend: str
+    model_path: str
+    seed: int
+    engine_options: dict[str, Any]
+    num_cpus: float
+    num_gpus: float
+    node_id: str | None  # colocate: soft affinity to this node; None: spread over the cluster
+    timeout_s: float
+    start_timeout_s: float
+    max_retries: int
+
+
+@dataclass
+class _Slot:
+    index: int
+    handle: Any
+    incarnation: int = 0
+    inflight: int = 0  # prompts submitted and not yet answered (for balancing)
+    # Calls submitted to this engine, in order. An engine runs one call at a time, so only the head
+    # is running; its deadline counts from `head_since`, and queued calls wait without a clock.
+    queue: list[ray.ObjectRef] = field(default_factory=list)
+    head_since: float = 0.0
+
+
+@dataclass
+class _Chunk:
+    start: int
+    end: int
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def raise_cause(exc: RayTaskError) -> None:
+    """Re-raise the exception a remote call raised, without Ray's wrapper."""
+    cause = exc
+    while isinstance(cause, RayTaskError) and cause.cause is not None:
+        cause = cause.cause
+    raise cause from None
+
+
+class RolloutManager:
+    """Runs as a threaded Ray actor (`num_cpus=0`); see the module docstring."""
+
+    def __init__(self, spec: EngineSpec, num_actors: int):
+        self.spec = spec
+        self.num_actors = num_actors
+        self.slots: list[_Slot] = []
+        self.latest: tuple[ray.ObjectRef, int] | None = None  # weights a replacement must load
+        self.policy_version = 0
+        self.calls = 0
+        self.replacements = 0
+        self.lock = threading.Lock()  # short critical sections: counters, slot choice
+        self.membership = threading.RLock()  # held while the engine set or the latest weights change
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every engine; raise the first engine's error (e.g. a model it cannot serve)."""
+        handles = [self._launch(i) for i in range(self.num_actors)]
+        self.slots = [_Slot(i, handle) for i, handle in enumerate(handles)]
+        try:
+            ray.get([h.start.remote() for h in handles], timeout=self.spec.start_timeout_s)
+        except RayTaskError as exc:
+            self.shutdown()
+            raise_cause(exc)
+        except (GetTimeoutError, RayError) as exc:
+            self.shutdown()
+            raise RolloutError(
+                f"rollout engines did not start within {self.spec.start_timeout_s:g} s: {type(exc).__name__}: "
+                f"{exc} (does the cluster have {self.num_actors} x {self.spec.num_cpus:g} CPU / "
+                f"{self.spec.num_gpus:g} GPU free?)"
+            ) from None
+
+    def _launch(self, index: int) -> Any:
+        spec = self.spec
+        cls = engine_class(spec.backend)
+        options: dict[str, Any] = {
+            "num_cpus": spec.num_cpus,
+            "num_gpus": spec.num_gpus,
+            "max_restarts": 0,  # replacement is ours: it must reload the latest weights first
+            "max_concurrency": 1,  # one call at a time, so version stamps are exact
+            "scheduling_strategy": (
+                NodeAffinitySchedulingStrategy(spec.node_id, soft=True) if spec.node_id else "SPREAD"
+            ),
+        }
+        if spec.backend == "vllm":
+            from spo_ray.rollout.engines.vllm_engine import ACTOR_ENV
+
+            options["runtime_env"] = {"env_vars": dict(ACTOR_ENV)}
+        actor_cls = ray.remote(cls).options(**options)
+        return actor_cls.remote(spec.model_path, spec.seed + index, spec.engine_options)
+
+    def shutdown(self) -> None:
+        """Kill every engine actor."""
+        for slot in self.slots:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(slot.handle, no_restart=True)
+        self.slots = []
+
+    # -- queries --------------------------------------------------------------------------------
+    def get_policy_version(self) -> int:
+        return self.policy_version
+
+    def engine_info(self) -> list[dict[str, Any]]:
+        """Per engine: pid, node, loaded version, prompts served, and how often its slot was replaced.
+
+        An engine answers between calls, so this waits for running generations.
+        """
+        infos = ray.get([s.handle.info.remote() for s in self.slots], timeout=self.spec.timeout_s)
+        return [{**info, "replaced": s.incarnation} for s, info in zip(self.slots, infos)]
+
+    def engine_handles(self) -> tuple[int, list[Any]]:
+        """(replacement count, engine handles): a changed count means a GPU transport must re-connect."""
+        with self.membership:
+            return self.replacements, [s.handle for s in self.slots]
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(
+        self, prompts: list[Prompt], settings: SamplingSettings, seed: int | None
+    ) -> list[list[Sample]]:
+        """Split prompts over the engines, wait with deadlines, retry chunks on replaced engines."""
+        if not prompts:
+            return []
+        with self.lock:
+            call_seed = seed if seed is not None else self.calls
+            self.calls += 1
+        seeds = [derive_seed(self.spec.seed, call_seed, i) for i in range(len(prompts))]
+        num_chunks = min(len(prompts), len(self.slots))
+        bounds = [round(i * len(prompts) / num_chunks) for i in range(num_chunks + 1)]
+        chunks = [_Chunk(bounds[i], bounds[i + 1]) for i in range(num_chunks)]
+
+        def submit(chunk_id: int) -> None:
+            chunk = chunks[chunk_id]
+            if chunk.attempts > self.spec.max_retries:
+                raise RolloutError(
+                    f"prompts {chunk.start}..{chunk.end - 1} failed on {chunk.attempts} engines: "
+                    + "; ".join(chunk.errors)
+                )
+            chunk.attempts += 1
+            with self.lock:
+                slot = min(self.slots, key=lambda s: (s.inflight, s.index))
+                slot.inflight += chunk.end - chunk.start
+            part = slice(chunk.start, chunk.end)
+            ref, incarnation = self._call(slot, "generate", prompts[part], settings, seeds[part])
+            pending[ref] = (chunk_id, slot, incarnation)
+
+        def settle(ref: ray.ObjectRef) -> tuple[int, _Slot, int]:
+            chunk_id, slot, incarnation = pending.pop(ref)
+            self._settle(slot, ref)
+            with self.lock:
+                slot.inflight -= chunks[chunk_id].end - chunks[chunk_id].start
+            return chunk_id, slot, incarnation
+
+        results: list[list[list[Sample]] | None] = [None] * num_chunks
+        pending: dict[ray.ObjectRef, tuple[int, _Slot, int]] = {}
+        try:
+            for chunk_id in range(num_chunks):
+                submit(chunk_id)
+            while pending:
+                finished, overdue = self._wait({ref: slot for ref, (_, slot, _) in pending.items()})
+                for ref in finished:
+                    chunk_id, slot, incarnation = settle(ref)
+                    try:
+                        results[chunk_id] = ray.get(ref)
+                        continue
+                    except RayTaskError as exc:
+                        raise_cause(exc)  # the engine ran and refused: no retry
+                    except RayError as exc:  # the engine process is gone
+                        reason = f"engine {slot.index} died ({type(exc).__name__})"
+                    chunks[chunk_id].errors.append(reason)
+                    self._replace(slot, incarnation, reason)
+                    submit(chunk_id)
+                for ref in overdue:
+                    chunk_id, slot, incarnation = settle(ref)
+                    reason = f"engine {slot.index} gave no answer within timeout_s={self.spec.timeout_s:g}"
+                    chunks[chunk_id].errors.append(reason)
+                    self._replace(slot, incarnation, reason)
+                    submit(chunk_id)
+        finally:
+            for ref in list(pending):
+                settle(ref)
+        return [samples for chunk_result in results for samples in chunk_result or []]
+
+    # -- engine calls with deadlines --------------------------------------------------------------
+    def _call(self, slot: _Slot, method: str, *args: Any) -> tuple[ray.ObjectRef, int]:
+        """Submit `method` to the slot's engine, queued behind its earlier calls: (ref, incarnation)."""
+        with self.lock:  # submission order == queue order == the engine's execution order
+            ref = getattr(slot.handle, method).remote(*args)
+            if not slot.queue:
+                slot.head_since = time.monotonic()
+            slot.queue.append(ref)
+            return ref, slot.incarnation
+
+    def _settle(self, slot: _Slot, ref: ray.ObjectRef) -> None:
+        with self.lock:
+            if ref in slot.queue:
+                if slot.queue[0] == ref:
+                    slot.head_since = time.monotonic()
+                slot.queue.remove(ref)
+
+    def _wait(self, calls: dict[ray.ObjectRef, _Slot]) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+        """Block until one call finishes or a running call passes its deadline: (finished, overdue)."""
+        now = time.monotonic()
+        with self.lock:
+            deadlines = {
+                ref: slot.head_since + self.spec.timeout_s
+                for ref, slot in calls.items()
+                if slot.queue and slot.queue[0] == ref
+            }
+        wake = min([*deadlines.values(), now + self.spec.timeout_s])
+        ready, _ = ray.wait(list(calls), num_returns=1, timeout=max(0.0, wake - now))
+        if ready:
+            return ready, []
+        now = time.monotonic()
+        return [], [ref for ref, deadline in deadlines.items() if deadline <= now]
+
+    # -- weights --------------------------------------------------------------------------------
+    def load_weights(self, ref_box: list[ray.ObjectRef], version: int) -> None:
+        """Every engine loads the safetensors payload in `ref_box[0]` before this returns."""
+        (ref,) = ref_box  # boxed, so Ray hands the manager the ref rather than the bytes
+        with self.membership:
+            previous, self.latest = self.latest, (ref, version)
+            targets = list(self.slots)
+        pending = {}
+        for slot in targets:
+            call, incarnation = self._call(slot, "load_weights", ref, version)
+            pending[call] = (slot, incarnation)
+        while pending:
+            finished, overdue = self._wait({r: slot for r, (slot, _) in pending.items()})
+            for done in finished:
+                slot, inc = pending.pop(done)
+                self._settle(slot, done)
+                try:
+                    ray.get(done)
+                except RayTaskError as exc:
+                    with self.membership:
+                        if self.latest == (ref, version):
+                            self.latest = previous
+                    raise_cause(exc)
+                except RayError as exc:  # the replacement loads `self.latest`
+                    self._replace(slot, inc, f"engine {slot.index} died while loading ({type(exc).__name__})")
+            for late in overdue:
+                slot, inc = pending.pop(late)
+                self._settle(slot, late)
+                self._replace(slot, inc, f"engine {slot.index} did not load weights within timeout_s")
+        self.policy_version = version
+
+    def record_synced(self, ref_box: list[ray.ObjectRef], version: int) -> None:
+        """A GPU transport delivered `version`; `ref_box[0]` is its CPU copy for replacements."""
+        with self.membership:
+            self.latest = (ref_box[0], version)
+        self.policy_version = version
+
+    def _replace(self, slot: _Slot, incarnation: int, reason: str) -> None:
+        """Kill the engine in `slot` and start a new one that loads the latest weights first."""
+        with self.membership:
+            if slot.incarnation != incarnation:
+                return  # another thread replaced it already
+            logger.warning("replacing rollout engine %d: %s", slot.index, reason)
+            with contextlib.suppress(Exception):
+                ray.kill(slot.handle, no_restart=True)
+            handle = self._launch(slot.index)
+            try:
+                ray.get(handle.start.remote(), timeout=self.spec.start_timeout_s)
+                if self.latest is not None:
+                    ref, version = self.latest
+                    ray.get(handle.load_weights.remote(ref, version), timeout=self.spec.timeout_s)
+            except (ObjectLostError, OwnerDiedError):
+                ray.kill(handle, no_restart=True)
+                raise RolloutError(
+                    f"rollout engine {slot.index} died ({reason}) and its replacement cannot load the "
+                    f"latest weights (version {self.latest[1] if self.latest else 0}): the process that "
+                    "synced them has exited; call sync_weights again (e.g. after a trainer restart)"
+                ) from None
+            except Exception as exc:
+                ray.kill(handle, no_restart=True)
+                raise RolloutError(
+                    f"could not replace rollout engine {slot.index} ({reason}): {type(exc).__name__}: {exc}"
+                ) from None
+            with self.lock:
+                slot.handle, slot.queue = handle, []  # calls queued on the dead engine fail on their own
+                slot.incarnation += 1
+            self.replacements += 1

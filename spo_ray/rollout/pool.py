@@ -1,0 +1,262 @@
+"""RolloutPool: the one object callers use to sample from the policy and push new weights to it.
+
+A pool is a small picklable client of a rollout manager actor (see manager.py), so it can be
+handed to Ray Train workers through `train_loop_config`; every copy drives the same engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from spo_ray.errors import UserError
+from spo_ray.rollout.manager import EngineSpec, RolloutManager, raise_cause
+from spo_ray.rollout.transports import WeightTransport, make_transport
+from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, check_prompts
+
+BACKENDS = ("vllm", "hf")
+TRANSPORTS = ("object_store", "nccl", "cuda_ipc")
+
+
+def _wait(ref: ray.ObjectRef, timeout_s: float, what: str) -> Any:
+    """`ray.get` with a deadline; remote errors re-raised as themselves, failures as RolloutError."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        raise RolloutError(f"{what}: no answer within {timeout_s:g} s") from None
+    except RayTaskError as exc:
+        raise_cause(exc)
+    except RayError as exc:
+        raise RolloutError(f"{what}: the rollout manager failed: {type(exc).__name__}: {exc}") from None
+
+
+class PendingSamples:
+    """Samples being generated; `result()` waits for them (never longer than the pool's bound)."""
+
+    def __init__(self, ref: ray.ObjectRef, bound_s: float):
+        self.ref = ref
+        self.bound_s = bound_s
+
+    def done(self) -> bool:
+        """True when `result()` would return (or raise) without waiting."""
+        ready, _ = ray.wait([self.ref], timeout=0)
+        return bool(ready)
+
+    def result(self, timeout: float | None = None) -> list[list[Sample]]:
+        """One list of samples per prompt, in prompt order; RolloutError after `timeout` seconds."""
+        return _wait(self.ref, self.bound_s if timeout is None else timeout, "generate")
+
+
+class RolloutPool:
+    """Rollout engines (vLLM or the HF fallback) in Ray actors, behind one manager actor.
+
+    `colocate=True` pins engines (softly) to the node of the process that builds the pool, where
+    the trainer's driver runs; False spreads them over the cluster. `engine_options` go to
+    `vllm.LLM` (e.g. `max_model_len`, `kv_cache_memory_bytes`, `gpu_memory_utilization`, `dtype`)
+    or to `from_pretrained` for `backend="hf"` (`dtype`, `device`).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        num_actors: int = 1,
+        backend: str = "vllm",
+        *,
+        num_cpus_per_actor: float = 1.0,
+        num_gpus_per_actor: float = 0.0,
+        colocate: bool = True,
+        transport: str = "object_store",
+        seed: int = 0,
+        timeout_s: float = 300.0,
+        start_timeout_s: float = 600.0,
+        max_retries: int = 2,
+        sampling_defaults: dict[str, Any] | None = None,
+        **engine_options: Any,
+    ):
+        model_path = os.fspath(model_path)
+        _check_arguments(model_path, num_actors, backend, transport, num_gpus_per_actor, timeout_s)
+        if not ray.is_initialized():
+            raise UserError(
+                "RolloutPool needs a Ray runtime: call ray.init() (or run inside a Ray job) first"
+            )
+        if backend == "vllm" and transport != "object_store":
+            engine_options.setdefault(
+                "weight_transfer_config", {"backend": "nccl" if transport == "nccl" else "ipc"}
+            )
+        self.backend = backend
+        self.transport_name = transport
+        self.timeout_s = float(timeout_s)
+        self.engine_options = dict(engine_options)
+        self.sampling_defaults = {"n": 1, "max_tokens": 64, "temperature": 1.0, "top_p": 1.0}
+        self.sampling_defaults.update(sampling_defaults or {})
+        SamplingSettings(**self.sampling_defaults)  # fail now on bad defaults
+        # Longest a call can take: every retry waits out a timeout and then a replacement's start.
+        self.bound_s = (max_retries + 1) * (self.timeout_s + start_timeout_s) + 60.0
+        node_id = ray.get_runtime_context().get_node_id()
+        spec = EngineSpec(
+            backend=backend,
+            model_path=os.path.abspath(model_path),
+            seed=seed,
+            engine_options=self.engine_options,
+            num_cpus=num_cpus_per_actor,
+            num_gpus=num_gpus_per_actor,
+            node_id=node_id if colocate else None,
+            timeout_s=self.timeout_s,
+            start_timeout_s=start_timeout_s,
+            max_retries=max_retries,
+        )
+        self.manager = (
+            ray.remote(RolloutManager)
+            .options(
+                num_cpus=0,
+                max_concurrency=64,  # generate / sync / queries from several callers at once
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+            )
+            .remote(spec, num_actors)
+        )
+        self._transport: WeightTransport | None = None
+        try:
+            _wait(self.manager.start.remote(), start_timeout_s + 60.0, "starting rollout engines")
+        except BaseException:
+            ray.kill(self.manager, no_restart=True)
+            raise
+
+    @classmethod
+    def from_config(cls, model_path: str | os.PathLike, cfg: Any, **engine_options: Any) -> RolloutPool:
+        """A pool built from a `RolloutConfig` (`cfg.rollout`); extra engine options pass through."""
+        if cfg.backend == "vllm" and cfg.num_gpus_per_actor > 0:
+            engine_options.setdefault("gpu_memory_utilization", cfg.gpu_memory_utilization)
+        return cls(
+            model_path,
+            num_actors=cfg.num_actors,
+            backend=cfg.backend,
+            num_cpus_per_actor=cfg.num_cpus_per_actor,
+            num_gpus_per_actor=cfg.num_gpus_per_actor,
+            colocate=cfg.colocate,
+            transport=cfg.transport,
+            seed=cfg.seed,
+            timeout_s=cfg.timeout_s,
+            sampling_defaults={
+                "n": cfg.samples_per_prompt,
+                "max_tokens": cfg.max_tokens,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+            },
+            **engine_options,
+        )
+
+    # -- sampling -------------------------------------------------------------------------------
+    def generate_async(
+        self,
+        prompts: list[Prompt],
+        n: int | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> PendingSamples:
+        """Start sampling `n` responses per prompt; None means the pool's default for that setting.
+
+        Each call draws fresh samples; pass `seed` to make one call reproducible on its own.
+        """
+        given = {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        settings = SamplingSettings(
+            **{k: self.sampling_defaults[k] if v is None else v for k, v in given.items()}
+        )
+        checked = check_prompts(prompts)
+        return PendingSamples(self.manager.generate.remote(checked, settings, seed), self.bound_s)
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        n: int | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
+        """One list of `n` samples per prompt; `generate_async(...).result()`."""
+        return self.generate_async(prompts, n, max_tokens, temperature, top_p, seed).result()
+
+    # -- weights --------------------------------------------------------------------------------
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Every engine serves `state_dict` (HF names, see `state_dict_for_sync`) before this returns.
+
+        Samples generated afterwards carry `policy_version == version`.
+        """
+        if not isinstance(state_dict, dict) or not state_dict:
+            raise UserError("sync_weights needs a non-empty dict of tensors (see state_dict_for_sync)")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise UserError(f"sync_weights: version must be an integer, got {version!r}")
+        if self._transport is None:
+            self._transport = make_transport(self.transport_name, self.engine_options)
+        try:
+            self._transport.sync(self.manager, state_dict, version, self.bound_s)
+        except GetTimeoutError:
+            raise RolloutError(f"sync_weights: no answer within {self.bound_s:g} s") from None
+        except RayTaskError as exc:
+            raise_cause(exc)
+
+    @property
+    def policy_version(self) -> int:
+        """The version of the last completed `sync_weights` (0 before any)."""
+        return _wait(self.manager.get_policy_version.remote(), self.timeout_s, "policy_version")
+
+    def engine_info(self) -> list[dict[str, Any]]:
+        """Per engine actor: pid, node_id, policy_version, replaced (count)."""
+        return _wait(self.manager.engine_info.remote(), self.timeout_s, "engine_info")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop every engine and the manager; the pool (and all its copies) cannot be used afterwards."""
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        with contextlib.suppress(RayError):
+            ray.get(self.manager.shutdown.remote(), timeout=self.timeout_s)
+        ray.kill(self.manager, no_restart=True)
+
+    def __enter__(self) -> RolloutPool:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_transport"] = None  # GPU endpoints belong to the process that opened them
+        return state
+
+
+def _check_arguments(
+    model_path: str, num_actors: int, backend: str, transport: str, num_gpus: float, timeout_s: float
+) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"rollout backend {backend!r} is not one of {list(BACKENDS)}")
+    if transport not in TRANSPORTS:
+        raise UserError(f"rollout transport {transport!r} is not one of {list(TRANSPORTS)}")
+    if transport != "object_store" and (backend != "vllm" or num_gpus <= 0):
+        raise UserError(
+            f"transport '{transport}' needs backend='vllm' on GPU actors (num_gpus_per_actor > 0)"
+        )
+    if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
+        raise UserError(f"num_actors must be a positive integer, got {num_actors!r}")
+    if timeout_s <= 0:
+        raise UserError(f"timeout_s must be positive, got {timeout_s!r}")
+    check_model_path(model_path)
+
+
+def check_model_path(model_path: str | os.PathLike) -> None:
+    """Raise UserError unless `model_path` is a Hugging Face model folder (has config.json)."""
+    if not os.path.isdir(model_path):
+        raise UserError(f"model path '{model_path}' does not exist or is not a folder (cwd: {os.getcwd()})")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise UserError(
+            f"model path '{model_path}' has no config.json: it must be a Hugging Face model folder"
+        )

@@ -1,0 +1,169 @@
+"""RolloutPool on real Ray with the tiny model, for both backends (vLLM CPU and the HF fallback).
+
+One pool per backend is shared by the module (a vLLM engine takes ~15 s to start); the test that
+kills an engine runs last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spo_ray.data.templating import Templater
+from spo_ray.errors import UserError
+from spo_ray.rollout import PendingSamples, RolloutPool, Sample, state_dict_for_sync
+from spo_ray.rollout.checks import logprob_gap
+
+pytestmark = pytest.mark.slow
+
+TOKEN_PROMPT = [1, 280, 201, 364, 295]
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def pool(request, ray_runtime, tiny_model_dir):
+    options = {"max_model_len": 512} if request.param == "vllm" else {}
+    rollout = RolloutPool(tiny_model_dir, backend=request.param, seed=0, timeout_s=120, **options)
+    yield rollout
+    rollout.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def perturbed(model, scale: float, seed: int):
+    """A copy of `model` with Gaussian noise on every weight."""
+    copy = AutoModelForCausalLM.from_config(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in copy.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return copy
+
+
+def flat(samples: list[list[Sample]]) -> list[Sample]:
+    return [s for per_prompt in samples for s in per_prompt]
+
+
+def test_generate_returns_well_formed_samples_for_string_chat_and_token_id_prompts(pool, tiny_model_dir):
+    messages = [{"role": "user", "content": "Explain fresh bread?"}]
+    prompts = ["What is the blue sky?", messages, TOKEN_PROMPT]
+    samples = pool.generate(prompts, n=2, max_tokens=12)
+    assert len(samples) == 3 and all(len(per_prompt) == 2 for per_prompt in samples)
+    templater = Templater.from_path(str(tiny_model_dir), max_length=512, max_prompt_length=256)
+    expected = templater.encode_prompts([[{"role": "user", "content": "What is the blue sky?"}], messages])
+    assert [samples[0][0].prompt_token_ids, samples[1][0].prompt_token_ids] == expected  # as in training
+    assert samples[2][0].prompt_token_ids == TOKEN_PROMPT and samples[2][0].prompt == TOKEN_PROMPT
+    for sample in flat(samples):
+        assert 1 <= len(sample.token_ids) <= 12
+        assert len(sample.logprobs) == len(sample.token_ids)
+        assert all(lp <= 0 and lp == lp for lp in sample.logprobs)
+        assert sample.finish_reason in ("stop", "length") and isinstance(sample.text, str)
+        assert sample.policy_version == pool.policy_version
+
+
+def test_same_seed_gives_same_samples_and_other_requests_differ(pool):
+    prompts = [TOKEN_PROMPT, TOKEN_PROMPT, "Tell me about the red apple?"]
+    first = pool.generate(prompts, n=2, max_tokens=10, seed=123)
+    again = pool.generate(prompts, n=2, max_tokens=10, seed=123)
+    assert [s.token_ids for s in flat(first)] == [s.token_ids for s in flat(again)]
+    unseeded = [pool.generate(prompts, n=2, max_tokens=10) for _ in range(2)]
+    token_lists = [tuple(s.token_ids) for call in [first, *unseeded] for s in flat(call)]
+    assert len(set(token_lists)) == len(token_lists)  # across calls, prompts, and the n samples
+
+
+def test_synced_weights_give_rollout_logprobs_matching_hf_and_carry_the_version(pool, hf_model):
+    policy = perturbed(hf_model, scale=0.05, seed=1)
+    pool.sync_weights(state_dict_for_sync(policy), version=3)
+    assert pool.policy_version == 3
+    samples = flat(pool.generate(["Why does the river move?", TOKEN_PROMPT], n=2, max_tokens=24))
+    assert {s.policy_version for s in samples} == {3}
+    gap = logprob_gap(policy, samples)
+    stale_gap = logprob_gap(hf_model, samples)
+    print(
+        f"\n[{pool.backend}] rollout vs HF log-prob MAE after sync: {gap:.2e} (vs unsynced: {stale_gap:.2e})"
+    )
+    assert gap < 1e-3 < stale_gap
+
+
+def test_samples_that_stop_end_with_the_eos_token(pool, hf_model, tiny_model_dir):
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    policy = perturbed(hf_model, scale=0.0, seed=0)
+    with torch.no_grad():  # a shared direction in every embedding that the eos row reads: eos ~1/4 a step
+        policy.model.embed_tokens.weight[:, 0] += 10.0
+        policy.lm_head.weight[eos, 0] = 0.6
+    pool.sync_weights(state_dict_for_sync(policy), version=4)
+    samples = flat(pool.generate([TOKEN_PROMPT, "What is two numbers?"], n=4, max_tokens=16, seed=5))
+    stopped = [s for s in samples if s.finish_reason == "stop"]
+    assert stopped, "the eos-heavy policy should stop within 16 tokens"
+    for sample in samples:
+        assert (sample.token_ids[-1] == eos) == (sample.finish_reason == "stop")
+        assert eos not in sample.token_ids[:-1]
+        if sample.finish_reason == "length":
+            assert len(sample.token_ids) == 16
+    assert logprob_gap(policy, samples) < 1e-3
+
+
+def test_pool_is_usable_from_inside_another_ray_task(pool, hf_model):
+    @ray.remote(num_cpus=0)
+    def trainer_rank0(rollout: RolloutPool, state_dict, version):
+        rollout.sync_weights(state_dict, version)
+        return rollout.generate([TOKEN_PROMPT], n=2, max_tokens=6), rollout.policy_version
+
+    policy = perturbed(hf_model, scale=0.05, seed=2)
+    samples, version = ray.get(trainer_rank0.remote(pool, state_dict_for_sync(policy), 5), timeout=120)
+    assert version == 5 and pool.policy_version == 5
+    assert {s.policy_version for s in flat(samples)} == {5}
+    assert logprob_gap(policy, flat(samples)) < 1e-3
+
+
+def test_generate_async_returns_pending_samples_while_the_caller_works(pool):
+    pending = pool.generate_async([TOKEN_PROMPT] * 4, n=2, max_tokens=32)
+    assert isinstance(pending, PendingSamples)
+    busy = sum(i * i for i in range(10_000))  # the trainer's step would run here
+    samples = pending.result(timeout=120)
+    assert busy and len(samples) == 4 and pending.done()
+
+
+def test_bad_sampling_parameters_and_prompts_raise_clear_errors(pool):
+    for bad, word in [
+        ({"n": 0}, "n=0"),
+        ({"max_tokens": 0}, "max_tokens=0"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"top_p": 0.0}, "top_p=0.0"),
+    ]:
+        with pytest.raises(UserError, match=word):
+            pool.generate([TOKEN_PROMPT], **bad)
+    with pytest.raises(UserError, match="prompts must be a list"):
+        pool.generate("just a string")
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        pool.generate([[1, 10_000_000]])
+    with pytest.raises(UserError, match="exceed the engine's max length"):
+        pool.generate([TOKEN_PROMPT * 100], max_tokens=100_000 if pool.backend == "hf" else 400)
+
+
+def test_a_killed_engine_is_replaced_and_the_call_returns_with_the_latest_weights(pool, hf_model):
+    policy = perturbed(hf_model, scale=0.05, seed=3)
+    pool.sync_weights(state_dict_for_sync(policy), version=7)
+    (before,) = pool.engine_info()
+    pending = pool.generate_async([TOKEN_PROMPT] * 16, n=4, max_tokens=200, seed=9)
+    time.sleep(1.0)
+    assert not pending.done(), "generation should still be running when the engine is killed"
+    os.kill(before["pid"], signal.SIGKILL)
+    samples = pending.result(timeout=300)
+    (after,) = pool.engine_info()
+    assert after["pid"] != before["pid"] and after["replaced"] == before["replaced"] + 1
+    assert after["policy_version"] == 7 and pool.policy_version == 7
+    assert len(samples) == 16 and {s.policy_version for s in flat(samples)} == {7}
+    gap = logprob_gap(policy, flat(samples)[:8])
+    print(f"\n[{pool.backend}] after replacement, rollout vs HF log-prob MAE: {gap:.2e}")
+    assert gap < 1e-3

@@ -1,0 +1,102 @@
+"""Pool set-up: clear errors, pools from a RolloutConfig, balancing over actors, hung engines."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spo_ray.config import RolloutConfig
+from spo_ray.errors import UserError
+from spo_ray.rollout import RolloutPool
+
+
+@pytest.fixture(scope="module")
+def head_dim_16_model(tmp_path_factory, tiny_model_dir):
+    """A Llama with hidden size 32 and 2 heads (head_dim 16), sharing the tiny tokenizer."""
+    out = tmp_path_factory.mktemp("models") / "head16"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).exists():
+            shutil.copy(tiny_model_dir / name, out / name)
+    tiny = LlamaConfig.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(
+        vocab_size=tiny.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        bos_token_id=tiny.bos_token_id,
+        eos_token_id=tiny.eos_token_id,
+        pad_token_id=tiny.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        RolloutPool(tmp_path / "no-such-model", backend="hf")
+    with pytest.raises(UserError, match="no config.json"):
+        RolloutPool(tmp_path, backend="hf")
+
+
+def test_gpu_transports_need_vllm_on_gpu_actors(tiny_model_dir):
+    with pytest.raises(UserError, match="transport 'nccl' needs backend='vllm' on GPU actors"):
+        RolloutPool(tiny_model_dir, backend="vllm", transport="nccl")
+
+
+@pytest.mark.slow
+def test_vllm_cpu_rejects_a_head_dim_16_model_naming_the_head_size(ray_runtime, head_dim_16_model):
+    with pytest.raises(UserError, match=r"head size is 16.*supports only \[.*64.*\].*backend='hf'"):
+        RolloutPool(head_dim_16_model, backend="vllm")
+
+
+@pytest.mark.slow
+def test_the_hf_fallback_serves_that_model_with_the_configs_sampling_defaults(ray_runtime, head_dim_16_model):
+    cfg = RolloutConfig(backend="hf", max_tokens=5, samples_per_prompt=3, temperature=0.7, seed=4)
+    with RolloutPool.from_config(head_dim_16_model, cfg) as pool:
+        (samples,) = pool.generate(["What is the red apple?"])
+    assert len(samples) == 3 and all(1 <= len(s.token_ids) <= 5 for s in samples)
+
+
+@pytest.mark.slow
+def test_prompts_are_balanced_over_spread_actors_and_seeded_calls_repeat(ray_runtime, tiny_model_dir):
+    with RolloutPool(tiny_model_dir, num_actors=2, backend="hf", colocate=False) as pool:
+        prompts = [[1, 280, 201, 364 + i] for i in range(8)]
+        first = pool.generate(prompts, n=2, max_tokens=6, seed=11)
+        again = pool.generate(prompts, n=2, max_tokens=6, seed=11)
+        assert [s.token_ids for p in first for s in p] == [s.token_ids for p in again for s in p]
+        assert [info["prompts_served"] for info in pool.engine_info()] == [8, 8]
+
+
+@pytest.mark.slow
+def test_only_running_calls_can_time_out_and_a_hung_engine_is_replaced(ray_runtime, tiny_model_dir):
+    timeout_s = 4.0
+    with RolloutPool(tiny_model_dir, backend="hf", timeout_s=timeout_s) as pool:
+        work = {"prompts": [[1, 280, 201]] * 8, "max_tokens": 48}
+        start = time.perf_counter()
+        pool.generate(**work)
+        one_call = time.perf_counter() - start
+        if one_call > timeout_s / 2:
+            pytest.skip(f"machine too loaded: one call took {one_call:.1f} s")
+        # Queued behind each other on one engine, these take longer than timeout_s in total.
+        pending = [pool.generate_async(**work) for _ in range(int(1.5 * timeout_s / one_call) + 2)]
+        assert all(len(p.result()) == 8 for p in pending)
+        (before,) = pool.engine_info()
+        assert before["replaced"] == 0
+
+        os.kill(before["pid"], signal.SIGSTOP)  # alive but never answers; replacing it SIGKILLs it
+        (samples,) = pool.generate([[1, 280, 201]], n=2, max_tokens=4)
+        (after,) = pool.engine_info()
+    assert len(samples) == 2 and after["pid"] != before["pid"] and after["replaced"] == 1
