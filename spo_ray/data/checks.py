@@ -1,0 +1,138 @@
+"""What `spo-ray data validate` and `data inspect` compute: a full-read report and sample examples."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from spo_ray.data.pipeline import ROWS_PER_CHUNK, peek_num_responses
+from spo_ray.data.processing import TOKENIZE_BATCH, Problem, check_count, iter_examples
+from spo_ray.data.schema import Example, RowProblem
+from spo_ray.data.sources import Chunk, RawRow, iter_chunk_rows, plan_chunks, resolve_sources
+from spo_ray.data.templating import Templater
+
+_KEEP_PROBLEMS = 1000
+
+
+@dataclass
+class ValidationReport:
+    """Rows read, good, bad by reason, and the first problems in file order."""
+
+    rows_read: int = 0
+    ok: int = 0
+    bad: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, raw: RawRow, problem: RowProblem, chunk: Chunk) -> None:
+        """Count a bad row; keep its problem (up to the first thousand)."""
+        self.bad[problem.reason] += 1
+        if len(self.problems) < _KEEP_PROBLEMS:
+            order = (chunk.index, raw.row)
+            self.problems.append(Problem(raw.location, problem.field, problem.reason, problem.detail, order))
+
+    def render(self, limit: int = 20) -> str:
+        """The report as printed: counts, then up to `limit` problems as file:line: field: reason."""
+        lines = [f"rows read: {self.rows_read}", f"ok: {self.ok}", f"bad: {sum(self.bad.values())}"]
+        lines += [f"  {reason}: {count}" for reason, count in sorted(self.bad.items())]
+        first = sorted(self.problems, key=lambda p: p.order)[:limit]
+        if first:
+            lines.append(f"first {len(first)} problems:")
+            lines += [f"  {problem}" for problem in first]
+        return "\n".join(lines)
+
+
+def _chunks(paths: list[str]) -> list[Chunk]:
+    return plan_chunks(resolve_sources(paths, "PATH"), ROWS_PER_CHUNK, "train")
+
+
+def _in_order(chunk: Chunk, pending: list[tuple[RawRow, Example | RowProblem]], templater: Templater | None):
+    examples = [item for _, item in pending if isinstance(item, Example)]
+    encoded = iter(templater.encode(examples) if templater else [None] * len(examples))
+    for raw, item in pending:
+        tokens = next(encoded) if isinstance(item, Example) else None
+        yield (chunk, raw, tokens, None) if isinstance(tokens, RowProblem) else (chunk, raw, item, tokens)
+
+
+def _checked(chunks: list[Chunk], fmt: str, templater: Templater | None) -> Iterator[tuple]:
+    """(chunk, raw row, Example or RowProblem, TokenizedExample or None) for every row, in file order."""
+    num_responses = peek_num_responses(chunks, fmt)
+    for chunk in chunks:
+        pending: list[tuple[RawRow, Example | RowProblem]] = []
+        for raw, item in iter_examples(iter_chunk_rows(chunk), fmt):
+            if isinstance(item, Example):
+                item = check_count(item, num_responses) or item
+            pending.append((raw, item))
+            if len(pending) >= TOKENIZE_BATCH:
+                yield from _in_order(chunk, pending, templater)
+                pending = []
+        yield from _in_order(chunk, pending, templater)
+
+
+def _templater(tokenizer_path: str | None, max_length: int, max_prompt_length: int) -> Templater | None:
+    return Templater.from_path(tokenizer_path, max_length, max_prompt_length) if tokenizer_path else None
+
+
+def validate_paths(
+    paths: list[str],
+    fmt: str = "auto",
+    tokenizer_path: str | None = None,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> ValidationReport:
+    """Read every row (no Ray, constant memory); with a tokenizer, lengths are checked too."""
+    report = ValidationReport()
+    templater = _templater(tokenizer_path, max_length, max_prompt_length)
+    for chunk, raw, item, _ in _checked(_chunks(paths), fmt, templater):
+        report.rows_read += 1
+        if isinstance(item, RowProblem):
+            report.add(raw, item, chunk)
+        else:
+            report.ok += 1
+    return report
+
+
+def inspect_paths(
+    paths: list[str],
+    n: int = 3,
+    fmt: str = "auto",
+    tokenizer_path: str | None = None,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+) -> str:
+    """The first n good rows normalized; with a tokenizer, the templated text and token counts too.
+
+    Bad rows met before the n-th good one are listed after the examples.
+    """
+    templater = _templater(tokenizer_path, max_length, max_prompt_length)
+    blocks: list[str] = []
+    skipped: list[str] = []
+    for _, raw, item, tokens in _checked(_chunks(paths), fmt, templater):
+        if len(blocks) >= n:
+            break
+        if isinstance(item, RowProblem):
+            skipped.append(f"  {raw.location}: {item}")
+            continue
+        lines = [f"== {raw.location} (format {item.format})", "prompt:"]
+        lines += [f"  {m['role']}: {json.dumps(m['content'], ensure_ascii=False)}" for m in item.prompt]
+        ranks = {index: rank for rank, index in enumerate(item.ranking, start=1)}
+        for j, response in enumerate(item.responses):
+            rank = f"rank {ranks[j]}" if j in ranks else "unranked"
+            lines.append(
+                f"response {j} ({item.response_fields[j]}, {rank}): {json.dumps(response, ensure_ascii=False)}"
+            )
+        if tokens is not None:
+            decode = templater.tokenizer.decode
+            cut = ", cut from the left" if tokens.prompt_truncated else ""
+            lines.append(f"-- templated prompt ({len(tokens.prompt_ids)} tokens{cut}):")
+            lines.append(decode(tokens.prompt_ids))
+            for j, ids in enumerate(tokens.response_ids):
+                lines.append(f"-- templated response {j} ({len(ids)} tokens, all scored):")
+                lines.append(decode(ids))
+        blocks.append("\n".join(lines))
+    if skipped:
+        blocks.append("bad rows passed over:\n" + "\n".join(skipped[:20]))
+    if not blocks:
+        return "no rows found"
+    return "\n\n".join(blocks)

@@ -1,0 +1,212 @@
+"""Driver side of the data pipeline: plan chunks, tokenize them in Ray Data, apply the bad-row policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spo_ray.data.processing import ChunkResult, Problem, iter_examples, process_chunk
+from spo_ray.data.schema import Example
+from spo_ray.data.sharding import derive_key, permute
+from spo_ray.data.sources import Chunk, config_sources, iter_chunk_rows, plan_chunks
+from spo_ray.data.templating import load_tokenizer
+from spo_ray.errors import DataError
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from spo_ray.config import DataConfig
+
+ROWS_PER_CHUNK = 4096
+PEEK_ROWS = 1000  # rows read to learn the number of responses per example
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train/eval datasets and what the pipeline found. Rows: example_id (dense, stable),
+    prompt_ids, response_ids (n lists), ranking (n ints, best first; best-of-n: [best, -1, ..., -1]).
+    """
+
+    train: ray.data.Dataset
+    eval: ray.data.Dataset | None
+    num_train: int
+    num_responses: int
+    bad_rows: dict[str, int]
+    quarantine_path: str | None
+    num_eval: int = 0
+    rows_read: int = 0
+    prompts_truncated: int = 0
+    pad_token_id: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for the run's summary.json."""
+        return {
+            "rows_read": self.rows_read,
+            "num_train": self.num_train,
+            "num_eval": self.num_eval,
+            "num_responses": self.num_responses,
+            "bad_rows": dict(self.bad_rows),
+            "prompts_truncated": self.prompts_truncated,
+            "quarantine_path": self.quarantine_path,
+        }
+
+
+def peek_num_responses(chunks: list[Chunk], fmt: str) -> int:
+    """Responses per example of the first good row (2 when the first PEEK_ROWS rows have none)."""
+    seen = 0
+    for chunk in chunks:
+        for _, item in iter_examples(iter_chunk_rows(chunk), fmt):
+            if isinstance(item, Example):
+                return len(item.responses)
+            seen += 1
+            if seen >= PEEK_ROWS:
+                return 2
+    return 2
+
+
+def _run_chunks(batch: dict[str, np.ndarray], settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    results = [process_chunk(Chunk.from_json(text), settings).to_json() for text in batch["chunk"]]
+    return {"result": np.array(results, dtype=object)}
+
+
+def _process_all(chunks: list[Chunk], settings: dict[str, Any]) -> list[ChunkResult]:
+    """Process every chunk as one Ray Data map_batches; only the small per-chunk results come back."""
+    import ray.data
+
+    items = [{"chunk": chunk.to_json()} for chunk in chunks]
+    # Small inputs need few worker processes (each loads the tokenizer once); large ones get them all.
+    rows = sum(chunk.rows if chunk.rows >= 0 else ROWS_PER_CHUNK for chunk in chunks)
+    tasks = max(1, min(len(chunks), -(-rows // ROWS_PER_CHUNK)))
+    plan = ray.data.from_items(items, override_num_blocks=len(items))
+    done = plan.map_batches(
+        _run_chunks,
+        batch_size=1,
+        fn_kwargs={"settings": settings},
+        compute=ray.data.TaskPoolStrategy(size=tasks),
+    )
+    results = [ChunkResult.from_json(row["result"]) for row in done.iter_rows()]
+    return sorted(results, key=lambda r: r.index)
+
+
+def _first_problems(results: list[ChunkResult], limit: int) -> list[Problem]:
+    return sorted((p for r in results for p in r.problems), key=lambda p: p.order)[:limit]
+
+
+def _merge_quarantine(results: list[ChunkResult], out_dir: str) -> str | None:
+    parts = [r.quarantine for r in results if r.quarantine]
+    if not parts:
+        return None
+    path = os.path.join(out_dir, "quarantine.jsonl")
+    with open(path, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                shutil.copyfileobj(fh, out)
+    shutil.rmtree(os.path.dirname(parts[0]), ignore_errors=True)
+    return path
+
+
+def _read_parts(batch: dict[str, np.ndarray], n_all: int, n_eval: int, key: int, keep: str) -> Any:
+    """Read part files; example_id = offset + row; with an eval split keep one side, renumbered densely."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path, offset in zip(batch["path"], batch["offset"]):
+        table = pq.read_table(path)
+        number = np.arange(table.num_rows, dtype=np.int64) + int(offset)
+        if n_eval:
+            number = permute(number, n_all, key)
+            mask = number < n_eval if keep == "eval" else number >= n_eval
+            table = table.filter(pa.array(mask))
+            number = number[mask] - (0 if keep == "eval" else n_eval)
+        tables.append(table.add_column(0, "example_id", pa.array(number)))
+    return pa.concat_tables(tables)
+
+
+def _dataset(results: list[ChunkResult], n_all: int, n_eval: int, key: int, keep: str):
+    """A lazy dataset over the part files (one read task per file; no file listing)."""
+    import ray.data
+
+    parts, offset = [], 0
+    for r in results:
+        if r.parquet:
+            parts.append({"path": r.parquet, "offset": offset})
+        offset += r.good
+    if not parts:
+        return None
+    ds = ray.data.from_items(parts, override_num_blocks=len(parts))
+    fn_kwargs = {"n_all": n_all, "n_eval": n_eval, "key": key, "keep": keep}
+    return ds.map_batches(_read_parts, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)
+
+
+def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_dir: str) -> PreparedData:
+    """Read, normalize, template and tokenize the preference data into streaming Ray datasets.
+
+    Bad rows raise DataError (file:line: field: reason) with on_bad_rows=error; with skip they go to
+    OUTPUT/quarantine.jsonl and `bad_rows` counts them by reason."""
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    train_sources, eval_sources = config_sources(data_cfg)
+    train_chunks = plan_chunks(train_sources, ROWS_PER_CHUNK, "train")
+    eval_chunks = plan_chunks(eval_sources, ROWS_PER_CHUNK, "eval", first_index=len(train_chunks))
+    chunks = train_chunks + eval_chunks
+    work_dir = os.path.join(output_dir, "data")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    settings = {
+        "tokenizer_path": str(tokenizer_path),
+        "max_length": data_cfg.max_length,
+        "max_prompt_length": data_cfg.max_prompt_length,
+        "format": data_cfg.format,
+        "num_responses": peek_num_responses(chunks, data_cfg.format),
+        "stop_at_bad": data_cfg.on_bad_rows == "error",
+        "out_dir": work_dir,
+    }
+    results = _process_all(chunks, settings)
+    bad = sum((r.bad for r in results), Counter())
+    if bad and data_cfg.on_bad_rows == "error":
+        first = _first_problems(results, 1)[0]
+        raise DataError(
+            f"{first}\n(data.on_bad_rows=error stops at the first bad row; `spo-ray data validate PATH` "
+            f"lists all of them, or set data.on_bad_rows=skip to quarantine them and go on)"
+        )
+    quarantine = _merge_quarantine(results, output_dir)
+    train_results = [r for r in results if r.role == "train"]
+    eval_results = [r for r in results if r.role == "eval"]
+    n_all = sum(r.good for r in train_results)
+    n_eval_files = sum(r.good for r in eval_results)
+    n_split = 0
+    if data_cfg.eval_fraction > 0 and not eval_sources:
+        n_split = max(1, round(data_cfg.eval_fraction * n_all)) if n_all > 1 else 0
+    num_train = n_all - n_split
+    if num_train < 1:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())) or "no rows"
+        raise DataError(
+            f"data.train_files: no usable training rows ({reasons}); see {quarantine or 'the input files'}"
+        )
+    split_key = derive_key(data_cfg.shuffle_seed, "eval_split")
+    train = _dataset(train_results, n_all, n_split, split_key, "train")
+    if n_split:
+        eval_ds = _dataset(train_results, n_all, n_split, split_key, "eval")
+    else:
+        eval_ds = _dataset(eval_results, n_eval_files, 0, 0, "eval")
+    prepared = PreparedData(
+        train=train,
+        eval=eval_ds,
+        num_train=num_train,
+        num_responses=settings["num_responses"],
+        bad_rows=dict(sorted(bad.items())),
+        quarantine_path=quarantine,
+        num_eval=n_split or n_eval_files,
+        rows_read=sum(r.read for r in results),
+        prompts_truncated=sum(r.truncated for r in results),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    os.makedirs(work_dir, exist_ok=True)
+    with open(os.path.join(work_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(prepared.summary(), fh, indent=1)
+    return prepared

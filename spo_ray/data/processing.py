@@ -1,0 +1,202 @@
+"""The work on one chunk, run inside Ray Data tasks: read, normalize, tokenize, write Parquet + quarantine."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from spo_ray.data.schema import Example, RowProblem, normalize_row
+from spo_ray.data.sources import Chunk, RawRow, iter_chunk_rows
+from spo_ray.data.templating import Templater
+
+TOKENIZE_BATCH = 256  # rows per tokenizer call
+ROW_GROUP = 2048  # rows per Parquet row group
+MAX_PROBLEMS = 20  # problems kept per chunk (counts are always complete)
+
+
+@dataclass
+class Problem:
+    """A bad row, as reported: `location: field: reason: detail`."""
+
+    location: str
+    field: str
+    reason: str
+    detail: str
+    order: tuple[int, int] = (0, 0)  # (chunk index, row) sorts problems in file order
+
+    def __str__(self) -> str:
+        return f"{self.location}: {RowProblem(self.field, self.reason, self.detail)}"
+
+
+def iter_examples(raw_rows: Iterator[RawRow], fmt: str) -> Iterator[tuple[RawRow, Example | RowProblem]]:
+    """Each raw row with its normalized Example, or the RowProblem that keeps it out."""
+    for raw in raw_rows:
+        if raw.problem is not None:
+            yield raw, raw.problem
+            continue
+        try:
+            yield raw, normalize_row(raw.value, fmt)
+        except RowProblem as problem:
+            yield raw, problem
+
+
+def check_count(example: Example, num_responses: int) -> RowProblem | None:
+    """All rows of a dataset have the same number of responses (batches stack them)."""
+    if len(example.responses) == num_responses:
+        return None
+    return RowProblem(
+        "responses",
+        "wrong_count",
+        f"{len(example.responses)} responses, but this dataset's rows have {num_responses} "
+        f"(its first row decides); put rows with other counts in a separate dataset",
+    )
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk task reports back to the driver (small: counts and the first problems)."""
+
+    index: int
+    role: str
+    read: int = 0
+    good: int = 0
+    truncated: int = 0
+    bad: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+    parquet: str | None = None
+    quarantine: str | None = None
+
+    def to_json(self) -> str:
+        """The result as one JSON string (what a task returns)."""
+        data = {**self.__dict__, "bad": dict(self.bad), "problems": [p.__dict__ for p in self.problems]}
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ChunkResult:
+        """Inverse of to_json."""
+        data = json.loads(text)
+        problems = [Problem(**{**p, "order": tuple(p["order"])}) for p in data.pop("problems")]
+        return cls(**{**data, "bad": Counter(data["bad"])}, problems=problems)
+
+
+class _Writer:
+    """Good rows to `part-NNNNNN.parquet` (row groups of ROW_GROUP rows), bad rows to a quarantine part."""
+
+    def __init__(self, result: ChunkResult, out_dir: str):
+        self.result, self.out_dir = result, out_dir
+        self.table_writer = None
+        self.quarantine = None
+        self.buffered: list = []
+
+    def rows(self, encoded: list) -> None:
+        self.buffered += encoded
+        if len(self.buffered) >= ROW_GROUP:
+            self._write()
+
+    def _write(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema(
+            [
+                ("prompt_ids", pa.list_(pa.int32())),
+                ("response_ids", pa.list_(pa.list_(pa.int32()))),
+                ("ranking", pa.list_(pa.int32())),
+            ]
+        )
+        rows, self.buffered = self.buffered, []
+        n = len(rows[0].response_ids)
+        table = pa.table(
+            {
+                "prompt_ids": [e.prompt_ids for e in rows],
+                "response_ids": [e.response_ids for e in rows],
+                "ranking": [e.ranking + [-1] * (n - len(e.ranking)) for e in rows],  # best-of-n: -1 pads
+            },
+            schema=schema,
+        )
+        if self.table_writer is None:
+            path = os.path.join(self.out_dir, self.result.role, f"part-{self.result.index:06d}.parquet")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.table_writer = pq.ParquetWriter(path, schema)
+            self.result.parquet = path
+        self.table_writer.write_table(table)
+
+    def bad(self, raw: RawRow, problem: RowProblem) -> None:
+        if self.quarantine is None:
+            path = os.path.join(self.out_dir, "quarantine", f"quarantine-{self.result.index:06d}.jsonl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.quarantine = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self.result.quarantine = path
+        record = {
+            "location": raw.location,
+            "file": raw.path,
+            "line" if raw.line_based else "row": raw.row,
+            "field": problem.field,
+            "reason": problem.reason,
+            "message": f"{raw.location}: {problem}",
+            "data": raw.value if raw.problem is None else raw.raw,
+        }
+        self.quarantine.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write()
+        if self.table_writer is not None:
+            self.table_writer.close()
+        if self.quarantine is not None:
+            self.quarantine.close()
+
+
+def process_chunk(chunk: Chunk, settings: dict[str, Any]) -> ChunkResult:
+    """Read, normalize and tokenize one chunk; stop at its first bad row when settings['stop_at_bad']."""
+    templater = Templater.from_path(
+        settings["tokenizer_path"], settings["max_length"], settings["max_prompt_length"]
+    )
+    result = ChunkResult(chunk.index, chunk.role)
+    writer = _Writer(result, settings["out_dir"])
+    pending: list[tuple[RawRow, Example | RowProblem]] = []  # in file order, bad rows included
+
+    def record(raw: RawRow, problem: RowProblem) -> None:
+        result.bad[problem.reason] += 1
+        if len(result.problems) < MAX_PROBLEMS:
+            order = (chunk.index, raw.row)
+            result.problems.append(
+                Problem(raw.location, problem.field, problem.reason, problem.detail, order)
+            )
+        writer.bad(raw, problem)
+
+    def flush() -> None:
+        encoded = iter(templater.encode([item for _, item in pending if isinstance(item, Example)]))
+        good = []
+        for raw, item in pending:
+            item = next(encoded) if isinstance(item, Example) else item
+            if isinstance(item, RowProblem):
+                record(raw, item)
+            else:
+                good.append(item)
+                result.truncated += item.prompt_truncated
+        if good:
+            writer.rows(good)
+            result.good += len(good)
+        pending.clear()
+
+    stop = settings["stop_at_bad"]
+    try:
+        for raw, item in iter_examples(iter_chunk_rows(chunk), settings["format"]):
+            result.read += 1
+            if isinstance(item, Example):
+                item = check_count(item, settings["num_responses"]) or item
+            pending.append((raw, item))
+            if len(pending) >= TOKENIZE_BATCH or (stop and isinstance(item, RowProblem)):
+                flush()
+            if stop and result.bad:
+                break
+        if pending and not (stop and result.bad):
+            flush()
+    finally:
+        writer.close()
+    return result

@@ -1,0 +1,86 @@
+"""Prompts for the global-KL regularizer: from data.reg_prompts_file, else the training prompts."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from spo_ray.data.schema import RowProblem, parse_prompt
+from spo_ray.data.sources import Chunk, config_sources, iter_chunk_rows, plan_chunks, resolve_sources
+from spo_ray.data.templating import Templater
+from spo_ray.errors import DataError
+
+if TYPE_CHECKING:
+    from spo_ray.config import DataConfig
+
+_BATCH = 512
+
+
+def _reg_prompt(value: object) -> list[dict[str, str]]:
+    if not isinstance(value, dict):
+        raise RowProblem("<row>", "wrong_type", "expected an object with a 'prompt' field")
+    if value.get("prompt") is None:
+        raise RowProblem(
+            "prompt", "missing_field", "each line needs 'prompt' (a string or a list of messages)"
+        )
+    return parse_prompt(value["prompt"])
+
+
+def _prompt_messages(chunks: list[Chunk], fmt: str, from_reg_file: bool, skip_bad: bool):
+    from spo_ray.data.processing import iter_examples
+
+    for chunk in chunks:
+        if from_reg_file:
+            rows = iter_chunk_rows(chunk)
+            for raw in rows:
+                try:
+                    if raw.problem is not None:
+                        raise raw.problem
+                    yield _reg_prompt(raw.value)
+                except RowProblem as problem:
+                    if not skip_bad:
+                        raise DataError(f"{raw.location}: {problem} (data.reg_prompts_file)") from None
+        else:
+            for _, item in iter_examples(iter_chunk_rows(chunk), fmt):
+                if not isinstance(item, RowProblem):  # bad rows are reported by prepare_preference_data
+                    yield item.prompt
+
+
+def load_reg_prompts(
+    data_cfg: DataConfig, tokenizer_path: str, max_prompts: int | None = None
+) -> list[list[int]]:
+    """Templated prompt ids (generation prompt added, cut from the left to max_prompt_length), deduplicated.
+
+    From data.reg_prompts_file (JSONL, "prompt": str or messages), else the prompts of data.train_files.
+    """
+    templater = Templater.from_path(str(tokenizer_path), data_cfg.max_length, data_cfg.max_prompt_length)
+    from_file = bool(data_cfg.reg_prompts_file)
+    if from_file:
+        sources = resolve_sources([data_cfg.reg_prompts_file], "data.reg_prompts_file")
+    else:
+        sources = config_sources(data_cfg)[0]
+    chunks = plan_chunks(sources, 1 << 30, "reg")
+    seen: set[str] = set()
+    batch: list[list[dict[str, str]]] = []
+    out: list[list[int]] = []
+
+    def flush() -> None:
+        out.extend(templater.encode_prompts(batch))
+        batch.clear()
+
+    for messages in _prompt_messages(chunks, data_cfg.format, from_file, data_cfg.on_bad_rows == "skip"):
+        key = json.dumps(messages, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        batch.append(messages)
+        if len(batch) >= _BATCH:
+            flush()
+        if max_prompts is not None and len(seen) >= max_prompts:
+            break
+    flush()
+    if not out:
+        raise DataError(
+            f"{data_cfg.reg_prompts_file or 'data.train_files'}: no usable regularization prompts"
+        )
+    return out

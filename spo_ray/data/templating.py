@@ -1,0 +1,169 @@
+"""Chat templates and tokenization: prompt ids, response ids, and the truncation policy (README.md)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from spo_ray.data.schema import Example, RowProblem
+from spo_ray.errors import DataError
+
+_PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a model folder (cached per process); DataError if it cannot be used here.
+
+    With tokenizer.json it loads as a plain fast tokenizer: Ray workers skip AutoTokenizer's torch import."""
+    try:
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
+    except Exception as exc:  # transformers raises OSError, ValueError, ...; name the path
+        raise DataError(f"tokenizer '{path}' could not be loaded ({type(exc).__name__}: {exc})") from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            f"tokenizer '{path}' has no eos_token: set one in its tokenizer_config.json (responses end with it)"
+        )
+    return tokenizer
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids of one example; ranking as in `Example` (best first)."""
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    ranking: list[int]
+    prompt_truncated: bool
+
+
+class Templater:
+    """Canonical examples -> token ids, batched. Prompt: chat template with the generation prompt (or the
+    plain fallback `User: ...\nAssistant: `); response: the assistant turn through eos. Prompts are cut
+    from the left to max_prompt_length; responses never: a row over max_length is `too_long`."""
+
+    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.eos_id: int = tokenizer.eos_token_id
+        self.eos_text: str = tokenizer.eos_token
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        bos = getattr(tokenizer, "bos_token", None)
+        self.bos_id = tokenizer.bos_token_id if bos and bos != self.eos_text else None
+        self._plain_bos = bos if bos and bos != self.eos_text else ""
+
+    @classmethod
+    def from_path(cls, path: str, max_length: int, max_prompt_length: int) -> Templater:
+        """A Templater over the (cached) tokenizer of a model folder."""
+        return cls(load_tokenizer(path), max_length, max_prompt_length)
+
+    def prompt_text(self, messages: list[dict[str, str]]) -> str:
+        """The templated prompt, ending where the assistant's reply begins."""
+        if self.has_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        lines = "".join(f"{_PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages)
+        return f"{self._plain_bos}{lines}Assistant: "
+
+    def response_text(
+        self, messages: list[dict[str, str]], response: str, prompt: str | None = None
+    ) -> str | None:
+        """The assistant turn's text after the prompt, through eos; None if the template does not extend it."""
+        if not self.has_template:
+            return response + self.eos_text
+        prompt = self.prompt_text(messages) if prompt is None else prompt
+        full = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full.startswith(prompt):
+            return None
+        reply = full[len(prompt) :]
+        end = reply.rfind(self.eos_text)
+        return reply[: end + len(self.eos_text)] if end >= 0 else reply
+
+    def _split_full(self, messages: list[dict[str, str]], response: str, prompt_len: int) -> list[int]:
+        """Fallback for templates that render the prompt differently: tokenize all, split at prompt length."""
+        full = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        ids = self.token_ids([full])[0][prompt_len:]
+        return ids[: len(ids) - ids[::-1].index(self.eos_id)] if self.eos_id in ids else ids
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of texts (no special tokens added), one batched call to the Rust tokenizer."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            if (
+                backend.truncation is not None or backend.padding is not None
+            ):  # set in some tokenizer.json files
+                backend.no_truncation()
+                backend.no_padding()
+            return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def truncate_prompt(self, ids: list[int]) -> tuple[list[int], bool]:
+        """Keep the last `max_prompt_length` tokens (and a leading bos)."""
+        if len(ids) <= self.max_prompt_length:
+            return ids, False
+        if self.bos_id is not None and ids[0] == self.bos_id and self.max_prompt_length > 1:
+            return [ids[0]] + ids[len(ids) - self.max_prompt_length + 1 :], True
+        return ids[len(ids) - self.max_prompt_length :], True
+
+    def encode_prompts(self, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+        """Templated prompt ids (generation prompt added), truncated from the left."""
+        texts = [self.prompt_text(messages) for messages in prompts]
+        encoded = self.token_ids(texts)
+        return [self.truncate_prompt(ids)[0] for ids in encoded]
+
+    def encode(self, examples: list[Example]) -> list[TokenizedExample | RowProblem]:
+        """Token ids for each example, or the RowProblem (too_long) that keeps it out."""
+        if not examples:
+            return []
+        prompts = [self.prompt_text(ex.prompt) for ex in examples]
+        replies = [
+            [self.response_text(ex.prompt, r, p) for r in ex.responses] for ex, p in zip(examples, prompts)
+        ]
+        full_texts = [p + r for p, rs in zip(prompts, replies) for r in rs if r is not None]
+        prompt_ids = self.token_ids(prompts)
+        full_ids = iter(self.token_ids(full_texts) if full_texts else [])
+        out: list[TokenizedExample | RowProblem] = []
+        for ex, p_ids, rs in zip(examples, prompt_ids, replies):
+            responses = []
+            for response, reply in zip(ex.responses, rs):
+                if reply is None:
+                    responses.append(self._split_full(ex.prompt, response, len(p_ids)))
+                    continue
+                ids = next(full_ids)
+                if ids[: len(p_ids)] == p_ids:
+                    responses.append(ids[len(p_ids) :])
+                else:  # a token merged across the boundary: tokenize the reply alone
+                    responses.append(self.token_ids([reply])[0])
+            responses = [r if r and r[-1] == self.eos_id else r + [self.eos_id] for r in responses]
+            kept, truncated = self.truncate_prompt(p_ids)
+            out.append(self._fit(ex, kept, responses, truncated, len(p_ids)))
+        return out
+
+    def _fit(
+        self, ex: Example, prompt: list[int], responses: list[list[int]], truncated: bool, full_len: int
+    ) -> TokenizedExample | RowProblem:
+        longest = max(range(len(responses)), key=lambda i: len(responses[i]))
+        total = len(prompt) + len(responses[longest])
+        if total > self.max_length:
+            cut = f" (cut from {full_len})" if truncated else ""
+            return RowProblem(
+                ex.response_fields[longest],
+                "too_long",
+                f"prompt {len(prompt)} tokens{cut} + response {len(responses[longest])} tokens = {total} > "
+                f"data.max_length={self.max_length}; responses are never cut: raise data.max_length "
+                f"or lower data.max_prompt_length",
+            )
+        return TokenizedExample(prompt, responses, list(ex.ranking), truncated)

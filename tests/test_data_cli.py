@@ -1,0 +1,54 @@
+"""`spo-ray data validate` exits 0 on clean data and 2 with the problems; `data inspect` shows examples."""
+
+from __future__ import annotations
+
+import json
+
+from spo_ray.cli import main
+
+GOOD = [{"prompt": f"question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(3)]
+
+
+def test_validate_exits_0_and_prints_counts_when_every_row_is_good(tmp_path, capsys):
+    path = tmp_path / "good.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    assert main(["data", "validate", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["rows read: 3", "ok: 3", "bad: 0"]
+
+
+def test_validate_exits_2_listing_the_first_20_problems_as_file_line_field_reason(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    bad = [{"prompt": "Hi", "chosen": "same", "rejected": "same"}] * 25
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD + bad) + "{oops\n")
+    assert main(["data", "validate", str(path), "--format", "explicit"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:6] == [
+        "rows read: 29",
+        "ok: 3",
+        "bad: 26",
+        "  identical_responses: 25",
+        "  invalid_json: 1",
+        "first 20 problems:",
+    ]
+    assert lines[6] == f"  {path}:4: rejected: chosen identical to rejected: the same text as chosen"
+    assert len(lines) == 26 and lines[-1].startswith(f"  {path}:23: rejected:")
+
+
+def test_validate_names_a_missing_path_and_exits_2(tmp_path, capsys):
+    assert main(["data", "validate", str(tmp_path / "nope.jsonl")]) == 2
+    assert "PATH[0]: " in capsys.readouterr().err
+
+
+def test_inspect_shows_normalized_examples_and_with_a_tokenizer_the_templated_text(
+    tmp_path, tiny_model_dir, capsys
+):
+    path = tmp_path / "good.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    assert main(["data", "inspect", str(path), "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== ") == 2 and f'== {path}:1 (format explicit)\nprompt:\n  user: "question 0?"\n' in out
+    assert 'response 0 (chosen, rank 1): "yes 0"' in out and 'response 1 (rejected, rank 2): "no 0"' in out
+    assert main(["data", "inspect", str(path), "--n", "1", "--tokenizer", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nquestion 0?<|im_end|>\n<|im_start|>assistant\n" in out
+    assert "-- templated response 0 (5 tokens, all scored):\nyes 0<|im_end|>\n" in out
