@@ -35,10 +35,10 @@ class VllmEngine(RolloutEngine):
 
         config = AutoConfig.from_pretrained(self.model_path)
         options = dict(self.engine_options)
-        # vLLM's "auto" turns float32 checkpoints into 16-bit; serve the stored dtype so rollout
-        # log-probs match the trainer's (pass dtype= to choose otherwise).
+        # vLLM's "auto" turns float32 checkpoints into 16-bit; serve the stored dtype (float32 when
+        # the folder does not say, as transformers loads it) so rollout log-probs match the trainer's.
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        options.setdefault("dtype", str(stored).removeprefix("torch.") if stored else "auto")
+        options.setdefault("dtype", str(stored).removeprefix("torch.") if stored else "float32")
         if current_platform.is_cpu():
             self._check_cpu_head_size(config)
             for key, value in CPU_DEFAULTS.items():
