@@ -142,6 +142,10 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warmup")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 turns clipping off", ge=0)
     seed: int = option(0, "seed for model init, dropout and data order")
+    precompute_ref_logps: bool = option(
+        False,
+        "score the data with the reference once before training (offline dpo/ipo/cdpo/rdpo: no reference forward per step)",
+    )
     checkpoint_every: int = option(
         20, "save a resumable checkpoint every this many steps; 0 only at the end", ge=0
     )
@@ -179,7 +183,7 @@ class TaskConfig:
     )
     num_prompts: int = option(8, "synthetic expert: prompts", ge=1)
     num_candidates: int = option(5, "synthetic expert: candidate responses per prompt (the set S)", ge=2)
-    num_pairs: int = option(4000, "synthetic expert: Bradley-Terry preference pairs to draw", ge=1)
+    num_pairs: int = option(16000, "synthetic expert: Bradley-Terry preference pairs to draw", ge=1)
     seed: int = option(0, "synthetic expert: seed of rewards, reference distribution and pairs")
     reference_fit_steps: int = option(
         300, "synthetic expert: steps fitting the tiny model to the reference", ge=1

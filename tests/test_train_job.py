@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,12 @@ def test_killed_train_worker_restarts_from_latest_checkpoint_and_finishes(ray_ru
     assert_positions_continue_without_repeats_or_skips(metric_rows(out), pairs_per_step=8)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     """Stop only this test's Ray head (not the suite's own runtime): its process group, then stragglers."""
     with contextlib.suppress(ProcessLookupError):
@@ -151,12 +158,16 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray >= 2.5x clusters use token auth; the head writes ~/.ray/auth_token, the job CLI reads it
+        "RAY_AUTH_MODE": "token",
     }
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(bin_dir / "ray")
+    gcs_port, dashboard_port = _free_port(), _free_port()  # the suite's own runtime holds Ray's defaults
     temp_dir = tempfile.mkdtemp(
         prefix="rayjob", dir="/tmp"
     )  # short: Ray's socket paths must stay < 108 chars
+    head_log = open(tmp_path / "ray_head.log", "w")  # noqa: SIM115 (closed in finally)
     head = subprocess.Popen(
         [
             ray_cli,
@@ -164,17 +175,17 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
             "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            "--port=6391",
+            f"--port={gcs_port}",
             "--num-cpus=4",
             "--dashboard-host=127.0.0.1",
-            "--dashboard-port=8275",
-            "--ray-client-server-port=10009",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={_free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=head_log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     out = tmp_path / "job_out"
@@ -183,7 +194,7 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         ray_cli,
         "job",
         "submit",
-        "--address=http://127.0.0.1:8275",
+        f"--address=http://127.0.0.1:{dashboard_port}",
         "--working-dir=.",
         "--runtime-env=jobs/runtime_env.yaml",
         "--",
@@ -196,22 +207,18 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         *overrides,
     ]
     try:
-        deadline = time.time() + 120
-        while True:  # the dashboard's job server takes a few seconds after the head starts
-            status = subprocess.run(
-                [ray_cli, "job", "list", "--address=http://127.0.0.1:8275"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if status.returncode == 0 or time.time() > deadline:
+        deadline = time.time() + 180
+        while True:  # the head's job server and its agent come up a few seconds after `ray start`
+            done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            not_ready = "No available agent" in done.stderr or "Failed to connect" in done.stderr
+            if not (not_ready and time.time() < deadline):
                 break
-            time.sleep(2)
-        done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            time.sleep(3)
+        head_output = (tmp_path / "ray_head.log").read_text()[-2000:]
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + "\nray head: " + head_output
         assert "succeeded" in done.stdout.lower()
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 4 and "expert_tv_after" in summary
     finally:
         _stop_head(head, temp_dir)
+        head_log.close()

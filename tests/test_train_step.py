@@ -158,3 +158,25 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[3:], factors[4:])) and factors[-1] < 0.01
     assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
     assert lr_factor(12, 4, 20, "constant") == 1.0
+
+
+def test_precomputed_reference_log_probs_give_the_same_dpo_loss_without_a_reference_forward(
+    models, tiny_model_dir
+):
+    from spo_ray.train.reference import ReferenceScorer
+
+    policy, reference, tokenizer = models
+    rows = make_rows(tokenizer, PROMPTS, RESPONSES)
+    scorer = ReferenceScorer(str(tiny_model_dir), tokenizer.pad_token_id, "float64")
+    scored = scorer(dict(rows))
+    for p, responses, ref_logps in zip(rows["prompt_ids"], rows["response_ids"], scored["ref_logps"]):
+        for response, value in zip(responses, ref_logps):
+            assert value == pytest.approx(brute_force_logp(reference, p, response).item(), abs=1e-9)
+    with_reference = compute_step(
+        context(policy, reference, "dpo"), collate_preference_batch(rows, tokenizer.pad_token_id), None
+    )
+    batch = collate_preference_batch(scored, tokenizer.pad_token_id)
+    without_reference = compute_step(
+        context(policy, None, "dpo"), batch, None
+    )  # a forward would fail: no reference
+    assert without_reference.loss.item() == pytest.approx(with_reference.loss.item(), rel=1e-9)

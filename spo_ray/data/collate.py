@@ -28,6 +28,7 @@ class PreferenceBatch:
     cu_seqlens: torch.Tensor | None = None  # packed: [B*n + 1] int32
     max_seqlen: int = 0  # longest sequence (prompt + response) in the batch
     epoch_positions: torch.Tensor | None = None  # [B] long, for rows from `train_shards`
+    ref_logps: torch.Tensor | None = None  # [B, n] precomputed reference log-probs (train/reference.py)
     packed: bool = False
 
     @property
@@ -74,6 +75,10 @@ def collate_preference_batch(
     extra = {}
     if "epoch_position" in rows:
         extra["epoch_positions"] = torch.from_numpy(_ids(rows["epoch_position"]))
+    if "ref_logps" in rows:
+        extra["ref_logps"] = torch.from_numpy(
+            np.stack([np.asarray(r, dtype=np.float64) for r in rows["ref_logps"]])
+        )
     common = {
         "ranking": ranking,
         "example_ids": torch.from_numpy(_ids(rows["example_id"])),

@@ -10,7 +10,12 @@ import torch
 
 from spo_ray.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def resolve_model_dir(model_cfg, work_dir: str | os.PathLike) -> str:
@@ -61,11 +66,14 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_policy_and_reference(model_cfg, policy_dir: str, reference_dir: str | None = None):
+def load_policy_and_reference(
+    model_cfg, policy_dir: str, reference_dir: str | None = None, need_reference: bool = True
+):
     """(policy, reference or None, reference_mode or None).
 
     Without LoRA the reference is a frozen copy (of `reference_dir`, or of the starting policy). With LoRA
     (`model.lora.r > 0`) there is no copy: `reference_mode()` disables the adapter around a forward.
+    `need_reference=False` (nothing in the run reads the reference) loads no copy at all.
     """
     policy = load_causal_lm(policy_dir, model_cfg.dtype)
     if model_cfg.lora.r > 0:
@@ -91,6 +99,8 @@ def load_policy_and_reference(model_cfg, policy_dir: str, reference_dir: str | N
             return policy.disable_adapter()
 
         return policy, None, reference_mode
+    if not need_reference:
+        return policy, None, None
     reference = load_causal_lm(reference_dir or policy_dir, model_cfg.dtype)
     reference.requires_grad_(False).eval()
     return policy, reference, None

@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -40,13 +42,17 @@ def _mean_across_ranks(metrics: dict[str, float], world_size: int) -> dict[str, 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Run SPO (or any registry loss) on this worker's shard; rank 0 logs, syncs and checkpoints."""
     cfg = config_from_dict(loop_config["config"])
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one progress bar: the training one
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.train.seed * 1000 + rank)
     device = ray.train.torch.get_device()
 
+    spec = get_loss(cfg.loss.name)
+    # the reference is read by the online KL, and by reference-based losses unless precomputed
+    needs_reference = cfg.loss.beta > 0 or (spec.needs_reference and not loop_config["ref_logps_precomputed"])
     policy, reference, reference_mode = load_policy_and_reference(
-        cfg.model, loop_config["model_dir"], loop_config["reference_dir"]
+        cfg.model, loop_config["model_dir"], loop_config["reference_dir"], need_reference=needs_reference
     )
     if reference is not None:
         reference.to(device)
@@ -64,7 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         policy=policy,
         reference=reference,
         reference_mode=reference_mode,
-        spec=get_loss(cfg.loss.name),
+        spec=spec,
         params=LossParams(
             alpha=cfg.loss.alpha,
             beta=cfg.loss.ref_beta,
@@ -122,7 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 )
             batch = batch.to(device)
             sync_grads = micro == cfg.train.grad_accum - 1 or world == 1
-            with policy.no_sync() if not sync_grads and hasattr(policy, "no_sync") else _null():
+            with policy.no_sync() if not sync_grads and hasattr(policy, "no_sync") else nullcontext():
                 out = compute_step(step_ctx, batch, sample_batch)
                 (out.loss / cfg.train.grad_accum).backward()
             for key, value in out.metrics.items():
@@ -140,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if online is not None and state.step % cfg.rollout.sync_every == 0:
             if rank == 0:
                 sync_time = online.sync(policy, state.step)
-            state.policy_version = state.step - state.step % cfg.rollout.sync_every
+            state.policy_version = state.step
         elapsed = time.perf_counter() - step_start
         totals.update(
             lr=scheduler.get_last_lr()[0],
@@ -162,12 +168,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics)
     if logger is not None:
         logger.close()
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _batch_stream(cfg, state: TrainState, pad_token_id: int, rank: int, world: int):

@@ -13,17 +13,20 @@ import time
 from pathlib import Path
 
 import ray
+import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from spo_ray.config import Config, config_to_dict
 from spo_ray.data import load_reg_prompts, prepare_preference_data, train_shards
 from spo_ray.errors import ConfigError
+from spo_ray.losses import get_loss
 from spo_ray.models.loading import load_tokenizer, resolve_model_dir
 from spo_ray.train.checkpointing import latest_checkpoint_dir, read_state
 from spo_ray.train.export import export_final_model
 from spo_ray.train.loop import train_loop_per_worker
 from spo_ray.train.metrics import read_metrics
+from spo_ray.train.reference import add_reference_logps
 
 RUN_NAME = "ray_train"
 
@@ -79,11 +82,20 @@ def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     ensure_ray(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the training bar is the one to watch
 
     model_dir = resolve_model_dir(cfg.model, out)
     reference_dir = cfg.model.reference_path or model_dir
     tokenizer = load_tokenizer(model_dir)
     prepared = prepare_preference_data(cfg.data, model_dir, str(out))
+    spec = get_loss(cfg.loss.name)
+    precomputed = cfg.train.precompute_ref_logps and spec.needs_reference
+    if precomputed:
+        if spec.needs_token_logits:
+            raise ConfigError(
+                "train.precompute_ref_logps", f"loss {cfg.loss.name} needs reference logits every step"
+            )
+        prepared = add_reference_logps(prepared, reference_dir, cfg.model.dtype, out / "reference_logps")
 
     storage = out / "checkpoints"
     latest = latest_checkpoint_dir(storage / RUN_NAME)
@@ -121,6 +133,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
                 "output_dir": str(out),
                 "rollout_pool": pool,
                 "reg_prompts": reg_prompts,
+                "ref_logps_precomputed": bool(precomputed),
             },
             scaling_config=ScalingConfig(
                 num_workers=world,
@@ -156,8 +169,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
         "wall_seconds": round(wall, 2),
         "pairs_per_second": round(sum(pair_rates) / len(pair_rates), 4) if pair_rates else 0.0,
         "bad_rows": prepared.bad_rows,
-        "quarantine_path": prepared.quarantine_path,
-        "num_train_examples": prepared.num_train,
+        "data": prepared.summary(),
         "loss": cfg.loss.name,
         "final_model": str(out / "final"),
     }
