@@ -2,7 +2,13 @@
 
 No Ray here: the loop in `loop.py` hands in a collated preference batch and (optionally) online samples,
 and gets back the loss to backpropagate plus detached metrics. All responses of the preference batch go
-through the policy in one forward (padded or packed); the online samples in a second one.
+through the policy in one forward; the online samples in a second one.
+
+That forward is laid out to compute as little as possible (bench/RESULTS.md has the measurements):
+each example's prompt appears once, followed by its n responses, with a 4-D attention mask that hides
+the responses from each other (`shared_prompt_layout`; attention implementations that take custom masks),
+else the batch's own padded or packed rows (`batch_layout`, e.g. FlashAttention's varlen packing); and
+the LM head runs only at the positions that predict a response token, never over prompt or padding.
 """
 
 from __future__ import annotations
@@ -11,18 +17,20 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from spo_ray.data.collate import PreferenceBatch, response_logps
+from spo_ray.data.collate import PreferenceBatch
 from spo_ray.losses import (
     LossParams,
     LossSpec,
     PreferenceTerms,
     get_kl_estimator,
+    kl_per_position,
     preference_metrics,
-    sequence_kl_ref_to_policy,
     sequence_logps,
     shift_for_causal_lm,
+    token_logps,
 )
 
 
@@ -84,13 +92,179 @@ class StepContext:
                 return self.policy(**inputs).logits
 
 
+@dataclass
+class ResponseTokens:
+    """One forward over every response of a batch: the model inputs, and for each response token (N in all,
+    ordered by sequence then position in every layout) which position's logits predict it, the token
+    itself, and the sequence (of the B*n) it belongs to."""
+
+    model_inputs: dict
+    predictor_index: torch.Tensor  # [N] long, row * width + column of the predicting position
+    labels: torch.Tensor  # [N] long
+    sequence_index: torch.Tensor  # [N] long, in [0, B*n)
+    num_sequences: int
+
+
+# Attention implementations that honour a custom 4-D mask, and the mask's form for each.
+_CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def shared_prompt_layout(
+    batch: PreferenceBatch, attention: str = "sdpa", dtype=torch.float32
+) -> ResponseTokens:
+    """One row per example: prompt, response 1, ..., response n, right-padded to the longest row.
+
+    Response j attends to the prompt and to its own earlier tokens only, with positions continuing from the
+    prompt, so every response token sees exactly the context it has in its own sequence; the prompt's last
+    position predicts the first token of every response. The prompt is computed once instead of n times.
+    """
+    n = batch.num_responses
+    prompt_lengths = batch.prompt_lengths.view(-1, n)[:, 0].tolist()  # the n sequences share the prompt
+    response_lengths = batch.response_lengths.view(-1, n).tolist()
+    starts = _sequence_starts(batch)  # offset of each sequence in input_ids.reshape(-1)
+    width = max(p + sum(r) for p, r in zip(prompt_lengths, response_lengths))
+    num_rows = len(prompt_lengths)
+    source = np.full((num_rows, width), -1, dtype=np.int64)  # index into input_ids.reshape(-1); -1 pads
+    positions = np.zeros((num_rows, width), dtype=np.int64)
+    segments = np.full((num_rows, width), -1, dtype=np.int64)  # -1 padding, 0 prompt, j + 1 response j
+    predictor, label_source, sequence = [], [], []
+    for row, (p, lengths) in enumerate(zip(prompt_lengths, response_lengths)):
+        first = row * n
+        source[row, :p] = starts[first] + np.arange(p)
+        positions[row, :p] = np.arange(p)
+        segments[row, :p] = 0
+        offset = p
+        for j, r in enumerate(lengths):
+            tokens = starts[first + j] + p + np.arange(r)
+            source[row, offset : offset + r] = tokens
+            positions[row, offset : offset + r] = p + np.arange(r)
+            segments[row, offset : offset + r] = j + 1
+            predictor.append(row * width + np.r_[p - 1, np.arange(offset, offset + r - 1)])
+            label_source.append(tokens)
+            sequence.append(np.full(r, first + j))
+            offset += r
+    device = batch.input_ids.device
+    flat_ids = batch.input_ids.reshape(-1)
+    source_t = torch.from_numpy(source).to(device)
+    input_ids = torch.where(source_t >= 0, flat_ids[source_t.clamp(min=0)], 0)  # [rows, width]
+    seg = torch.from_numpy(segments).to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    query, key = seg[:, :, None], seg[:, None, :]
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))  # [rows, width, width]
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows see themselves: no NaN
+    mask = allowed[:, None]  # [rows, 1, width, width]; sdpa reads True as "attend"
+    if attention == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return ResponseTokens(
+        model_inputs={
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": torch.from_numpy(positions).to(device),
+            "use_cache": False,
+        },
+        predictor_index=torch.from_numpy(np.concatenate(predictor)).to(device),
+        labels=flat_ids[torch.from_numpy(np.concatenate(label_source)).to(device)],
+        sequence_index=torch.from_numpy(np.concatenate(sequence)).to(device),
+        num_sequences=batch.num_sequences,
+    )
+
+
+def batch_layout(batch: PreferenceBatch) -> ResponseTokens:
+    """The batch's own rows (padded [B*n, T] or packed [1, total]): position t predicts response token t + 1."""
+    label_mask = batch.response_mask[:, 1:].bool()  # [rows, T-1]
+    rows, columns = label_mask.nonzero(as_tuple=True)
+    width = batch.input_ids.shape[1]
+    if batch.packed:  # the first token of a sequence is a prompt token, so no label crosses a boundary
+        sequence = torch.bucketize(columns + 1, batch.cu_seqlens[1:].to(columns.device).long(), right=True)
+    else:
+        sequence = rows
+    return ResponseTokens(
+        model_inputs=batch.model_inputs(),
+        predictor_index=rows * width + columns,
+        labels=batch.input_ids[rows, columns + 1],
+        sequence_index=sequence,
+        num_sequences=batch.num_sequences,
+    )
+
+
+def _sequence_starts(batch: PreferenceBatch) -> list[int]:
+    if batch.packed:
+        return batch.cu_seqlens[:-1].tolist()
+    return [k * batch.input_ids.shape[1] for k in range(batch.num_sequences)]
+
+
+def response_tokens(model: torch.nn.Module, batch: PreferenceBatch) -> ResponseTokens:
+    """The cheapest layout `model`'s attention supports: shared prompts, else the batch's own rows."""
+    attention = _attention(model)
+    if attention in _CUSTOM_MASK_ATTENTION:
+        return shared_prompt_layout(batch, attention, next(model.parameters()).dtype)
+    return batch_layout(batch)
+
+
+def _attention(model: torch.nn.Module) -> str | None:
+    return getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel / FSDP wrap the model as .module
+
+
+def response_logits(model: torch.nn.Module, tokens: ResponseTokens) -> torch.Tensor:
+    """Logits [N, V] at the positions that predict the response tokens, from one forward of `model`.
+
+    A forward pre-hook on the LM head hands it only those positions' hidden states, so the [rows, width, V]
+    logits over prompt and padding are never computed. The forward still goes through `model` itself
+    (DDP's gradient hooks and PEFT adapters see a normal call).
+    """
+    head = _unwrap(model).get_output_embeddings()
+    if head is None:
+        logits = model(**tokens.model_inputs).logits
+        return logits.reshape(-1, logits.shape[-1])[tokens.predictor_index]
+
+    def keep_predictors(module, args):
+        hidden = args[0]  # [rows, width, H]
+        return (hidden.reshape(-1, hidden.shape[-1])[tokens.predictor_index], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_predictors)
+    try:
+        logits = model(**tokens.model_inputs).logits
+    finally:
+        handle.remove()
+    if logits.dim() != 2 or logits.shape[0] != tokens.labels.shape[0]:
+        raise RuntimeError(
+            f"{type(_unwrap(model)).__name__}'s forward reshaped the LM head's output to {tuple(logits.shape)}; "
+            f"expected [{tokens.labels.shape[0]}, vocab]"
+        )
+    return logits
+
+
+_CHUNK = 1024  # response tokens per float32 upcast of half-precision logits
+
+
+def per_sequence(values: torch.Tensor, tokens: ResponseTokens) -> torch.Tensor:
+    """Sum per-token values [N] into their sequences: [B*n]."""
+    out = torch.zeros(tokens.num_sequences, dtype=values.dtype, device=values.device)
+    return out.index_add(0, tokens.sequence_index, values)
+
+
+def response_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π(label | ·) per response token: [N, V], [N] -> [N] (half precision upcast in chunks)."""
+    return torch.cat(
+        [
+            token_logps(chunk[None], chunk_labels[None])[0]
+            for chunk, chunk_labels in zip(logits.split(_CHUNK), labels.split(_CHUNK))
+        ]
+    )
+
+
 def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerms:
     """One policy forward over every response of the batch (chosen and rejected together), plus the
     reference forward when the loss needs it; fills exactly the terms the registry entry asks for."""
     n = batch.num_responses
-    inputs = batch.model_inputs()
-    policy_logits = ctx.policy(**inputs).logits  # [B*n, T, V] (packed: [1, total, V])
-    terms: dict = {"policy_logps": response_logps(policy_logits, batch).view(-1, n)}
+    tokens = response_tokens(ctx.policy, batch)
+    policy_logits = response_logits(ctx.policy, tokens)  # [N, V]
+    policy_logps = per_sequence(response_token_logps(policy_logits, tokens.labels), tokens)
+    terms: dict = {"policy_logps": policy_logps.view(-1, n)}
     required = ctx.spec.required_terms
     if "ranking" in required:
         terms["ranking"] = batch.ranking
@@ -98,15 +272,29 @@ def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerm
         terms["best_index"] = batch.ranking[:, 0]
     if "lengths" in required:
         terms["lengths"] = batch.response_lengths.view(-1, n).to(policy_logits.dtype)
-    if ctx.spec.needs_reference:
-        ref_logits = ctx.reference_logits(**inputs)
-        terms["ref_logps"] = response_logps(ref_logits, batch).view(-1, n)
+    # [B, n] reference log-probs scored once before training (train/reference.py), when the data has them
+    precomputed = getattr(batch, "ref_logps", None)
+    if ctx.spec.needs_reference and precomputed is not None and not ctx.spec.needs_token_logits:
+        terms["ref_logps"] = precomputed.to(device=policy_logps.device, dtype=policy_logps.dtype)
+    elif ctx.spec.needs_reference:
+        with torch.no_grad():
+            if ctx.reference is not None:
+                same_layout = _attention(ctx.reference) == _attention(ctx.policy)
+                ref_tokens = tokens if same_layout else response_tokens(ctx.reference, batch)
+                ref_logits = response_logits(ctx.reference, ref_tokens)
+            else:
+                with ctx.reference_mode():
+                    ref_logits = response_logits(ctx.policy, tokens)
+        terms["ref_logps"] = per_sequence(response_token_logps(ref_logits, tokens.labels), tokens).view(-1, n)
         if ctx.spec.needs_token_logits:
-            if batch.packed:
-                raise ValueError(f"loss {ctx.spec.name!r} needs per-token logits: set data.packing=false")
-            policy_shift = shift_for_causal_lm(policy_logits, batch.input_ids, batch.response_mask)
-            seq_kl = sequence_kl_ref_to_policy(policy_shift.logits, ref_logits[:, :-1], policy_shift.mask)
-            terms["seq_kl"] = seq_kl.view(-1, n)
+            # SeqKL = Σ_t KL(π_ref ‖ π_θ)_t over response positions (note the direction)
+            kl = torch.cat(
+                [
+                    kl_per_position(ref_chunk[None], policy_chunk[None])[0]
+                    for ref_chunk, policy_chunk in zip(ref_logits.split(_CHUNK), policy_logits.split(_CHUNK))
+                ]
+            )
+            terms["seq_kl"] = per_sequence(kl, tokens).view(-1, n)
     missing = [name for name in required if name not in terms]
     if missing:
         raise ValueError(
