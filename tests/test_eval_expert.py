@@ -86,7 +86,6 @@ def test_response_distribution_equals_brute_force_teacher_forcing(tiny_model_dir
 def test_fitting_the_reference_matches_q_on_s_with_almost_all_mass_on_s(fitted, task):
     model_dir, metrics = fitted
     assert metrics["tv_to_reference"] < 0.03 and metrics["mass_on_s"] > 0.9, metrics
-    assert metrics["seconds"] < 60, metrics
     model, tokenizer = load(model_dir)  # saved as a Hugging Face folder
     report = evaluate_expert(model, tokenizer, task, alpha=1.0, beta=0.1, reference=task.reference_tensor())
     assert report["mass_on_s"] == pytest.approx(metrics["mass_on_s"], abs=1e-6)
