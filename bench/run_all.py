@@ -1,0 +1,643 @@
+"""Run every benchmark, then write bench/RESULTS.md, bench/results.json and the PNG plots.
+
+`make bench` runs `python bench/run_all.py`. Sections (each a child process, so Ray, vLLM and torch
+start fresh and free their memory): train (vs TRL and a bare PyTorch step, tiny and SmolLM2+LoRA),
+ray (real Ray Train runs, 1 vs 2 workers), online (online SPO overhead), rollout (bench_rollout.py:
+vLLM vs HF generation, weight sync vs memcpy), quality (the synthetic expert table), data
+(bench_data.py). `--only a,b` runs some sections and rebuilds the report from the others' last JSON in
+bench/out/; `--report` only rebuilds the report. Budget: about 30 minutes on 2 free cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_DIR, OUT, machine, read_json, run_python, write_json  # noqa: E402
+
+SECTIONS = ("train", "ray", "online", "rollout", "quality", "data")
+QUALITY_STEPS = 200
+
+
+def threads_for_timing(requested: str) -> int:
+    """Torch threads for the in-process trainer timings: all cores on an idle machine, one when other
+    work already occupies the cores (oversubscribed OpenMP threads then wait on each other)."""
+    if requested != "auto":
+        return int(requested)
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] > cores - 0.5 else cores
+
+
+def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
+    quick = args.quick
+    started = time.perf_counter()
+    load_at_start = round(os.getloadavg()[0], 2)
+    try:
+        if name == "train":
+            threads = threads_for_timing(args.threads)
+            log["train_threads"] = threads
+            tiny = ["--model", "tiny", "--reps", "3" if quick else "5", "--steps", "6" if quick else "8"]
+            run_python(BENCH_DIR / "bench_train.py", [*tiny, "--threads", str(threads)])
+            smol = ["--model", "smollm2", "--reps", "2" if quick else "3", "--steps", "3"]
+            run_python(BENCH_DIR / "bench_train.py", [*smol, "--threads", str(threads)])
+        elif name == "ray":
+            cpus = str(log.get("train_threads") or threads_for_timing(args.threads))  # as section train's
+            steps = "20" if quick else "40"
+            ray_args = [
+                "--only",
+                "ray",
+                "--steps",
+                steps,
+                "--cpus-per-worker",
+                cpus,
+                "--out",
+                str(OUT / "ray.json"),
+            ]
+            run_python(BENCH_DIR / "bench_online.py", ray_args)
+        elif name == "online":
+            run_python(
+                BENCH_DIR / "bench_online.py",
+                ["--only", "online", "--steps", "30" if quick else "60", "--out", str(OUT / "online.json")],
+            )
+        elif name == "rollout":
+            rollout = [
+                "--models",
+                "tiny,mid,smollm2",
+                "--repeats",
+                "1" if quick else "2",
+                "--max-tokens",
+                "32",
+            ]
+            run_python(BENCH_DIR / "bench_rollout.py", [*rollout, "--out", str(OUT / "rollout.json")])
+        elif name == "quality":
+            # the config's data, batch and lr for every method; fewer steps than its 400 to fit the budget
+            steps = "120" if quick else str(QUALITY_STEPS)
+            run_python(
+                BENCH_DIR / "bench_quality.py",
+                ["--set", f"train.max_steps={steps}", "--out", str(OUT / "quality.json")],
+            )
+        elif name == "data":
+            sizes = (
+                ["--rows", "20000", "--small", "5000"] if quick else ["--rows", "50000", "--small", "5000"]
+            )
+            run_python(BENCH_DIR / "bench_data.py", [*sizes, "--out", str(OUT / "data.json")])
+        log[name] = {"ok": True, "seconds": round(time.perf_counter() - started, 1)}
+        log[name]["load_average_1m"] = [load_at_start, round(os.getloadavg()[0], 2)]  # at start, at end
+        log[name]["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    except Exception as exc:  # one broken section must not lose the others' numbers
+        log[name] = {
+            "ok": False,
+            "seconds": round(time.perf_counter() - started, 1),
+            "error": str(exc)[-2000:],
+        }
+    print(f"[{name}] {json.dumps(log[name])[:300]}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def _get(data, *keys, default=None):
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def headline(train: dict, ray_runs: dict, online: dict, rollout: dict, quality: dict) -> dict:
+    """results.json: the issue's six keys first (tiny model for the trainer ratios), then the rest."""
+    tiny, smol = train.get("tiny") or {}, train.get("smollm2") or {}
+    ratios = _get(tiny, "ratios", default={})
+    gen = {r["model"]: {} for r in _get(rollout, "results", default=[])}
+    for r in _get(rollout, "results", default=[]):
+        gen[r["model"]][r["backend"]] = r
+    gen_ratio = {
+        m: b["vllm"]["tokens_per_s"] / b["hf"]["tokens_per_s"]
+        for m, b in gen.items()
+        if "vllm" in b and "hf" in b
+    }
+    biggest = next((m for m in ("smollm2", "mid", "tiny") if m in gen and "vllm" in gen[m]), None)
+    out = {
+        "dpo_pairs_per_s_ratio_vs_trl": _get(ratios, "dpo_pairs_per_s_ratio_vs_trl", "median"),
+        "spo_pairs_per_s_ratio_vs_trl_dpo": _get(ratios, "spo_pairs_per_s_ratio_vs_trl_dpo", "median"),
+        "online_overhead_ratio": _get(online, "online_overhead_ratio"),
+        "vllm_vs_hf_tokens_per_s_ratio": gen_ratio.get("smollm2", gen_ratio.get(biggest)),
+        "sync_mb_per_s": _get(gen, biggest, "vllm", "sync_mb_per_s"),
+        "memcpy_mb_per_s": _get(gen, biggest, "vllm", "memcpy_mb_per_s"),
+        "notes": {
+            "trainer_ratios_model": "tiny (590k-parameter Llama), medians over interleaved steps",
+            "generation_and_sync_model": biggest,
+        },
+        "smollm2_lora": {
+            "dpo_pairs_per_s_ratio_vs_trl": _get(smol, "ratios", "dpo_pairs_per_s_ratio_vs_trl", "median"),
+            "spo_pairs_per_s_ratio_vs_trl_dpo": _get(
+                smol, "ratios", "spo_pairs_per_s_ratio_vs_trl_dpo", "median"
+            ),
+            "spo_step_over_bare_same_layout": _get(
+                smol, "ratios", "spo_step_over_bare_same_layout", "median"
+            ),
+            "spo_step_over_bare_padded": _get(smol, "ratios", "spo_step_over_bare_padded", "median"),
+        },
+        "tiny": {
+            "spo_step_over_bare_same_layout": _get(ratios, "spo_step_over_bare_same_layout", "median"),
+            "spo_step_over_bare_padded": _get(ratios, "spo_step_over_bare_padded", "median"),
+            "dpo_loss_abs_diff_vs_trl": _get(tiny, "dpo_parity", "abs_diff"),
+        },
+        "online_overhead_ratio_no_overlap": _get(online, "online_overhead_ratio_no_overlap"),
+        "vllm_vs_hf_tokens_per_s_ratio_by_model": gen_ratio,
+        "ray_train_pairs_per_s": {
+            k: _get(v, "pairs_per_s") for k, v in ray_runs.items() if isinstance(v, dict)
+        },
+        "scaling_2_workers_over_1": _get(ray_runs, "scaling_2w_over_1w_pairs_per_s"),
+        "quality_tv_to_target": {k: v["tv_to_target"] for k, v in _get(quality, "rows", default={}).items()},
+    }
+    return out
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def train_table(train: dict) -> list[str]:
+    lines = []
+    for model in ("tiny", "smollm2"):
+        r = train.get(model)
+        if not r:
+            continue
+        if "skipped" in r:
+            lines += [f"**{model}**: skipped ({r['skipped']})", ""]
+            continue
+        tokens = r["tokens"]
+        lora = " + LoRA r=8 (all linear layers)" if r["lora"] else ""
+        lines += [
+            f"**{model}{lora}** — batch {r['batch_pairs']} pairs, max_length {r['max_length']}, fp32, "
+            f"{r['threads']} torch thread{'s' if r['threads'] > 1 else ' (the machine was busy, see --threads)'}; {r['reps']} repetitions × {r['steps'] - 1} timed steps "
+            f"(first step of each repetition dropped); per step {tokens['real_tokens_per_step']:.0f} real tokens, "
+            f"{tokens['padded_tokens_per_step']:.0f} padded ({tokens['padding_fraction']:.0%} padding), "
+            f"{tokens['response_tokens_per_step']:.0f} response tokens — identical token ids for every trainer. "
+            + (
+                f"spo_ray's shared-prompt layout holds {tokens['spo_ray_layout_real_tokens_per_step']:.0f} real tokens "
+                f"({tokens['spo_ray_layout_tokens_per_step']:.0f} with padding) and runs the LM head on the "
+                f"{tokens['response_tokens_per_step']:.0f} response positions only."
+                if "spo_ray_layout_tokens_per_step" in tokens
+                else ""
+            ),
+            "",
+            "| trainer | median s/step | min–max | pairs/s | TRL s/step ÷ this |",
+            "|---|---|---|---|---|",
+        ]
+        names = {
+            "trl_dpo": "TRL `DPOTrainer` (DPO)",
+            "spo_ray_dpo": "spo_ray step, DPO loss",
+            "spo_ray_spo": "spo_ray step, SPO loss",
+            "bare_padded": "bare PyTorch fwd+bwd+AdamW, padded (floor of a padded step)",
+            "bare_spo_ray_layout": "bare PyTorch fwd+bwd+AdamW, spo_ray's layout (floor of spo_ray's step)",
+        }
+        trl = r["step_seconds"]["trl_dpo"]["median"]
+        for key, label in names.items():
+            s = r["step_seconds"][key]
+            lines.append(
+                f"| {label} | {s['median']:.3f} | {s['min']:.3f}–{s['max']:.3f} | {r['pairs_per_s'][key]:.2f} | "
+                f"{trl / s['median']:.2f}× |"
+            )
+        ratio = r["ratios"]
+        lines += [
+            "",
+            "| ratio (per step, same batch, back to back; median [min–max] over "
+            f"{ratio['dpo_pairs_per_s_ratio_vs_trl']['n']} steps) | value | goal |",
+            "|---|---|---|",
+            f"| spo_ray DPO pairs/s ÷ TRL DPO pairs/s | {_ratio(ratio['dpo_pairs_per_s_ratio_vs_trl'])} | ≥ 1.3 |",
+            f"| spo_ray SPO pairs/s ÷ TRL DPO pairs/s | {_ratio(ratio['spo_pairs_per_s_ratio_vs_trl_dpo'])} | ≥ 1.8 |",
+            f"| spo_ray SPO step ÷ bare step, same layout | {_ratio(ratio['spo_step_over_bare_same_layout'])} | ≤ 1.1 |",
+            f"| spo_ray SPO step ÷ bare step, padded | {_ratio(ratio['spo_step_over_bare_padded'])} | ≤ 1.1 |",
+            f"| spo_ray DPO step ÷ bare step, padded | {_ratio(ratio['dpo_step_over_bare_padded'])} | — |",
+            f"| TRL step ÷ bare step, padded | {_ratio(ratio['trl_step_over_bare_padded'])} | — |",
+            "",
+        ]
+        if "dpo_parity" in r:
+            p = r["dpo_parity"]
+            lines += [
+                f"DPO loss on one fixed batch (policy ≠ reference): TRL {p['trl_loss']:.8f}, spo_ray "
+                f"{p['spo_ray_loss']:.8f} (packed batch: {p['spo_ray_loss_packed']:.8f}); |diff| = "
+                f"{p['abs_diff']:.1e} ({'within' if p['ok'] else 'NOT within'} 1e-5).",
+                "",
+            ]
+    return lines
+
+
+PROFILE_NOTES = [
+    "**Where the time goes (torch.profiler, tiny model, 1 thread).** TRL 1.16's step: its fused, chunked "
+    "LM head (`ChunkedLogProbFunction`, forward + backward) is about half of the step: on CPU (no Triton) it "
+    "scores every position of the padded [2B, T] batch — prompt and padding included — and also computes "
+    "entropy, mean logit and top-1 for its metrics; on top come the reference forward and the padding "
+    "(30% of the tiny batch's tokens, 15% of SmolLM2's). spo_ray's step before this benchmark "
+    "(one padded forward over chosen + rejected, full [2B, T, V] logits, log-softmax over every position) was "
+    "already at the padded floor; three changes in `spo_ray/train/step.py` took it below it: (1) each "
+    "prompt is run once, its responses follow it in the same row behind a 4-D attention mask (response j "
+    "sees the prompt and its own prefix; positions continue from the prompt), so prompt tokens are not "
+    "duplicated across chosen and rejected; (2) the LM head and log-softmax run only at the positions that "
+    "predict a response token (a forward pre-hook on the output embedding hands it those hidden states; "
+    "the forward still goes through the model, so DDP and PEFT see a normal call); (3) no reference forward "
+    "for SPO (its preference term needs none) and, for DPO, the reference forward uses the same compact "
+    "layout (or none at all with `train.precompute_ref_logps`). Tried and measured slower on CPU: the packed "
+    "layout (`data.packing=true`): with SDPA, transformers builds a [total, total] block-diagonal mask, so "
+    "attention grows with the square of the whole batch (tiny model: packed fwd+bwd 1.5–2× the padded one). "
+    "The remaining cost of spo_ray's step over the bare loop on its own layout (collate, metrics, "
+    "clipping, scheduler) is the `÷ bare, same layout` ratio above.",
+    "",
+]
+
+
+def _ratio(r: dict) -> str:
+    return f"**{r['median']:.2f}** [{r['min']:.2f}–{r['max']:.2f}]"
+
+
+def report(log: dict) -> None:
+    train = {m: read_json(OUT / f"train_{m}.json") for m in ("tiny", "smollm2")}
+    ray_runs = _get(read_json(OUT / "ray.json"), "ray", default={}) or {}
+    online = _get(read_json(OUT / "online.json"), "online", default={}) or {}
+    rollout = read_json(OUT / "rollout.json") or {}
+    quality = read_json(OUT / "quality.json") or {}
+    data = read_json(OUT / "data.json") or {}
+    results = headline(train, ray_runs, online, rollout, quality)
+    context = machine()
+    results["machine"] = context
+    results["run"] = log
+    write_json(BENCH_DIR / "results.json", results)
+    plots = make_plots(train, online, rollout)
+
+    lines = [
+        "# spo_ray benchmarks",
+        "",
+        f"Measured {context['date']} on {context['cpu']}, {context['cores']} cores, {context['memory_gb']} GB. "
+        f"The machine was shared with other work (1-minute load average during the sections: {loads(log)}), so "
+        "absolute times are noisy; every figure below is a ratio or a median of interleaved repetitions. "
+        f"torch {context['torch']}, transformers {context['transformers']}, TRL {context['trl']}, peft {context['peft']}, "
+        f"Ray {context['ray']}, vLLM {context['vllm']}. Reproduce: `make bench` (or `python bench/run_all.py "
+        "[--quick] [--only train,ray,online,rollout,quality,data]`); raw numbers in `bench/out/*.json` (not committed).",
+        "",
+        "## Headline",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for key in (
+        "dpo_pairs_per_s_ratio_vs_trl",
+        "spo_pairs_per_s_ratio_vs_trl_dpo",
+        "online_overhead_ratio",
+        "vllm_vs_hf_tokens_per_s_ratio",
+        "sync_mb_per_s",
+        "memcpy_mb_per_s",
+    ):
+        lines.append(f"| `{key}` | {fmt(results[key], 2)} |")
+    lines += ["", "## 1. Training throughput vs TRL", ""]
+    lines += [
+        "One process holds every trainer on the same weights and the same token ids (TRL tokenizes the "
+        "conversational rows with the chat template; spo_ray and the bare step receive exactly those ids, "
+        "batch for batch). Per training step k, TRL's `DPOTrainer.train()` runs step k (timed between "
+        "consecutive `on_step_end` callbacks: data loading, forward, backward, optimizer, metrics, logging), "
+        "then, inside that callback and outside TRL's timing, every other trainer runs the same batch k. "
+        "TRL runs fp32 with `gradient_checkpointing=False` (its defaults are bf16 autocast and checkpointing, "
+        "both slower on CPU) and a sequential sampler; spo_ray runs what a Ray Train worker runs per step "
+        "(collate → `compute_step` → backward → clip → AdamW → schedule).",
+        "",
+    ]
+    lines += train_table(train)
+    lines += PROFILE_NOTES
+    lines += ray_section(ray_runs, train)
+    lines += online_section(online)
+    lines += rollout_section(rollout)
+    lines += quality_section(quality)
+    lines += data_section(data)
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += quality_plots(quality)
+    lines += ["", "## Run log", "", "```", json.dumps(log, indent=1), "```", ""]
+    (BENCH_DIR / "RESULTS.md").write_text("\n".join(lines))
+
+
+def loads(log: dict) -> str:
+    spans = [
+        f"{name} {v['load_average_1m'][0]}–{v['load_average_1m'][1]}"
+        for name, v in log.items()
+        if isinstance(v, dict) and "load_average_1m" in v
+    ]
+    return ", ".join(spans) or "not recorded"
+
+
+def ray_section(ray_runs: dict, train: dict) -> list[str]:
+    if not ray_runs:
+        return []
+    in_process = _get(train, "tiny", "pairs_per_s", default={})
+    lines = [
+        "### Real Ray Train runs (offline, tiny model, the same data, batch and max_length)",
+        "",
+        "`run_training` — what `spo-ray train` runs: Ray Data streams the shard, a TorchTrainer worker "
+        "runs the loop, metrics every step. Medians over the steady steps of metrics.jsonl.",
+        "",
+        "| run | workers × CPUs | median s/step | pairs/s | data wait s | in-process pairs/s (section 1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, key in (("spo_1w", "spo_ray_spo"), ("dpo_1w", "spo_ray_dpo"), ("spo_2w", "spo_ray_spo")):
+        r = ray_runs.get(name)
+        if r:
+            lines.append(
+                f"| {r['loss'].upper()} | {r['workers']} × {r.get('cpus_per_worker', 1)} | {r['step_seconds']:.3f} | {r['pairs_per_s']:.2f} | "
+                f"{r['data_wait_seconds']:.3f} | {fmt(in_process.get(key), 2) if r['workers'] == 1 else '–'} |"
+            )
+    lines += [
+        "",
+        f"Scaling, 2 workers ÷ 1 worker (pairs/s, batch per worker fixed): "
+        f"**{fmt(ray_runs.get('scaling_2w_over_1w_pairs_per_s'), 2)}×**. Caveat: this machine has 2 cores, "
+        "so the two DDP workers (1 CPU each, gloo all-reduce) split the cores the single worker used as torch "
+        "threads; the figure shows that the code path clusters use works and what data parallelism costs here, "
+        "not the speed-up a second machine gives.",
+        "",
+    ]
+    return lines
+
+
+def online_section(online: dict) -> list[str]:
+    if not online:
+        return []
+    s = online["settings"]
+    lines = [
+        "## 2. Online overhead",
+        "",
+        f"Synthetic expert task (`{s['config']}`), tiny model, batch {s['batch_size']} pairs, {s['steps']} steps per "
+        f"run; online: global KL (β={s['kl_beta']}) on {s['prompts_per_step']}×{s['samples_per_prompt']} samples of "
+        f"≤{s['max_tokens']} tokens per step from one {s['backend']} rollout actor, weights synced every "
+        f"{s['sync_every']} step. Medians over the steady steps of each run.",
+        "",
+        "| run | s/step | ÷ offline | generation wait s | weight sync s | data wait s | compute s (fwd/bwd/opt + KL forwards) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    offline = online["offline"]["step_seconds"]
+    for name in ("offline", "online_overlap", "online_no_overlap"):
+        r = online[name]
+        lines.append(
+            f"| {name.replace('_', ' ')} | {r['step_seconds']:.3f} | {r['step_seconds'] / offline:.2f}× | "
+            f"{r['gen_wait_seconds']:.3f} | {r['sync_seconds']:.3f} | {r['data_wait_seconds']:.3f} | {r['compute_seconds']:.3f} |"
+        )
+    lines += [
+        "",
+        f"`online_overhead_ratio` (with overlap) = **{online['online_overhead_ratio']:.2f}**; without overlap "
+        f"{online['online_overhead_ratio_no_overlap']:.2f}.",
+        "",
+    ]
+    return lines
+
+
+def rollout_section(rollout: dict) -> list[str]:
+    rows = _get(rollout, "results", default=[])
+    if not rows:
+        return []
+    lines = [
+        "## 3–4. Generation and weight sync",
+        "",
+        "From `bench/bench_rollout.py` (one rollout actor, 32 prompts × up to 32 new tokens; tokens/s is the "
+        "best of its repetitions, sync and memcpy are medians; memcpy copies the same serialized bytes in the "
+        "driver process).",
+        "",
+        "| model | backend | MB | tokens/s | vLLM ÷ HF | sync s | sync MB/s | memcpy MB/s | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_model: dict = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["backend"]] = r
+    for r in rows:
+        pair = by_model[r["model"]]
+        ratio = (
+            pair["vllm"]["tokens_per_s"] / pair["hf"]["tokens_per_s"]
+            if "vllm" in pair and "hf" in pair
+            else None
+        )
+        lines.append(
+            f"| {r['model']} | {r['backend']} | {r['megabytes']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{fmt(ratio, 2) if r['backend'] == 'vllm' else ''} | {r['sync_s']:.3f} | {r['sync_mb_per_s']:.0f} | "
+            f"{r['memcpy_mb_per_s']:.0f} | {r.get('load_average_1m', '')} |"
+        )
+    return lines + [""]
+
+
+def quality_section(quality: dict) -> list[str]:
+    rows = quality.get("rows") or {}
+    if not rows:
+        return []
+    s = quality["settings"]
+    floor = quality.get("data_floor_tv", {})
+    lines = [
+        "## Alignment quality: the synthetic expert task",
+        "",
+        f"`{quality['config']}`: tiny model fitted to a non-uniform reference q, {s['num_pairs']} Bradley–Terry pairs, "
+        f"{s['max_steps']} steps × batch {s['batch_size']}, lr {s['lr']}, every method on the same data and budget, "
+        "offline (`loss.beta=0`) except the last row (global KL β="
+        f"{s['online_kl_beta']} on vLLM samples). Exact evaluation on S(x) by teacher forcing. Target: "
+        "softmax(r/α) with the method's α (SPO), α=1 for the others (the Bradley–Terry scale of the data). "
+        f"The data's own floor (TV of its Bradley–Terry MLE's softmax to the target): α=0.5 {fmt(floor.get('0.5'))}, "
+        f"α=1 {fmt(floor.get('1.0'))}, α=2 {fmt(floor.get('2.0'))}.",
+        "",
+        "| method | TV to softmax(r/α) ↓ | entropy (target) | mass on S | expected reward (target) | KL to reference on S | TV to DPO optimum π_ref·e^{r/β} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ref = quality["reference"]
+    lines.append(
+        f"| reference (before training) | {ref['tv_to_target']:.3f} | {ref['entropy']:.3f} ({ref['target_entropy']:.3f}) | "
+        f"{ref['mass_on_s']:.3f} | {ref['expected_reward']:.3f} ({ref['target_expected_reward']:.3f}) | 0 | – |"
+    )
+    for r in rows.values():
+        lines.append(
+            f"| {r['label']} | **{r['tv_to_target']:.3f}** | {r['entropy']:.3f} ({r['target_entropy']:.3f}) | "
+            f"{r['mass_on_s']:.3f} | {r['expected_reward']:.3f} ({r['target_expected_reward']:.3f}) | "
+            f"{r['kl_to_reference_on_s']:.3f} | {r['tv_to_dpo_optimum']:.3f} |"
+        )
+    return lines + [""] + quality_reading(rows, floor)
+
+
+def quality_reading(rows: dict, floor: dict) -> list[str]:
+    """A few sentences reading the table, with its own numbers."""
+    spo = [r for n, r in rows.items() if n.startswith("spo_a") and not r["online"]]
+    offline = [r for r in rows.values() if not r["online"]]
+    online = next((r for r in rows.values() if r["online"]), None)
+    dpo = rows.get("dpo_b0.1")
+    dpo1 = rows.get("dpo_b1")
+    text = []
+    if spo:
+        text.append(
+            f"Offline SPO lands within TV {max(r['tv_to_target'] for r in spo):.3f} of softmax(r/α) for every α "
+            f"(the data's floor is ≈ {max(floor.values(), default=0):.3f}), with the entropy following α as SPEC §2.3 "
+            "says; the reference, anti-aligned with r, does not pull it."
+        )
+    if dpo and dpo1:
+        text.append(
+            f"DPO goes where its theory says, to π_ref·exp(r/β) (TV to that optimum {dpo['tv_to_dpo_optimum']:.3f} at "
+            f"β=0.1, {dpo1['tv_to_dpo_optimum']:.3f} at β=1), not to the expert's distribution: at β=0.1 it collapses "
+            f"onto the best answer (entropy {dpo['entropy']:.2f}), and even at β=1, the temperature of the data, the "
+            f"reference's tilt leaves it {dpo1['tv_to_target']:.3f} from softmax(r)."
+        )
+    collapsed = [r["label"] for r in rows.values() if r["entropy"] < 0.25]
+    if collapsed:
+        text.append(f"Collapsed to (almost) one answer per prompt: {', '.join(collapsed)}.")
+    if offline and online:
+        text.append(
+            f"Offline, every method lets probability leave S (mass on S ≤ {max(r['mass_on_s'] for r in offline):.3f}): "
+            "pairwise terms fix only ratios inside S. Online SPO's global KL on the model's own samples keeps "
+            f"{online['mass_on_s']:.2f} of the mass on S while staying {online['tv_to_target']:.3f} from the target: "
+            "what SPO's regularizer is for."
+        )
+    return [" ".join(text), ""] if text else []
+
+
+def quality_plots(quality: dict) -> list[str]:
+    return [
+        f"![{name}]({name}.png)"
+        for name in ("quality_vs_target", "quality_distributions")
+        if (BENCH_DIR / f"{name}.png").exists()
+    ]
+
+
+def data_section(data: dict) -> list[str]:
+    rows = data.get("results") or []
+    if not rows:
+        return []
+    lines = [
+        "## Data pipeline (bench/bench_data.py)",
+        "",
+        "| rows | prepare s | tokenized rows/s | epoch read rows/s | driver peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['rows']} | {r['prepare_seconds']} | {r['tokenized_rows_per_s']} | {r['epoch_rows_per_s']} | {r['driver_peak_rss_mb']} |"
+        )
+    return lines + ["", f"Driver peak RSS growth between the sizes: {data.get('peak_rss_growth_mb')} MB.", ""]
+
+
+def make_plots(train: dict, online: dict, rollout: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    models = [m for m in ("tiny", "smollm2") if train.get(m) and "pairs_per_s" in train[m]]
+    if models:
+        keys = ["trl_dpo", "spo_ray_dpo", "spo_ray_spo", "bare_padded", "bare_spo_ray_layout"]
+        labels = ["TRL DPO", "spo_ray DPO", "spo_ray SPO", "bare (padded)", "bare (spo_ray layout)"]
+        figure, axes = plt.subplots(
+            1, len(models), figsize=(5.2 * len(models), 3.6), squeeze=False, layout="constrained"
+        )
+        for axis, model in zip(axes.flat, models):
+            values = [train[model]["pairs_per_s"][k] for k in keys]
+            axis.bar(labels, values, color=["#7f7f7f", "#1f77b4", "#d62728", "#bbbbbb", "#dddddd"])
+            axis.set_title(f"{model}: pairs/s (median, higher is better)", fontsize=10)
+            axis.tick_params(axis="x", labelrotation=25, labelsize=8)
+        paths.append(BENCH_DIR / "train_throughput.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+    if online:
+        names = ["offline", "online_overlap", "online_no_overlap"]
+        parts = [
+            ("compute_seconds", "compute", "#1f77b4"),
+            ("gen_wait_seconds", "generation wait", "#d62728"),
+            ("sync_seconds", "weight sync", "#2ca02c"),
+            ("data_wait_seconds", "data wait", "#bbbbbb"),
+        ]
+        figure, axis = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+        bottom = [0.0] * len(names)
+        for key, label, color in parts:
+            values = [online[n][key] for n in names]
+            axis.bar(names, values, bottom=bottom, label=label, color=color)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        axis.set_ylabel("seconds per step (medians)")
+        axis.set_title("Online SPO: where a step's time goes", fontsize=10)
+        axis.legend(fontsize=8)
+        paths.append(BENCH_DIR / "online_breakdown.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+    rows = _get(rollout, "results", default=[])
+    if rows:
+        figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+        for backend, marker in (("vllm", "o"), ("hf", "s")):
+            sel = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["megabytes"])
+            axes[0].plot(
+                [r["megabytes"] for r in sel],
+                [r["sync_mb_per_s"] for r in sel],
+                marker=marker,
+                label=f"sync to {backend}",
+            )
+            axes[0].plot(
+                [r["megabytes"] for r in sel],
+                [r["memcpy_mb_per_s"] for r in sel],
+                marker=marker,
+                ls="--",
+                label=f"memcpy ({backend} run)",
+            )
+        axes[0].set_xscale("log")
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("model MB (fp32)")
+        axes[0].set_ylabel("MB/s")
+        axes[0].set_title("Weight sync vs plain memory copy", fontsize=10)
+        axes[0].legend(fontsize=7)
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        for i, backend in enumerate(("vllm", "hf")):
+            values = [
+                next((r["tokens_per_s"] for r in rows if r["model"] == m and r["backend"] == backend), 0)
+                for m in models
+            ]
+            axes[1].bar([x + 0.4 * i for x in range(len(models))], values, 0.4, label=backend)
+        axes[1].set_xticks([x + 0.2 for x in range(len(models))], models)
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel("generated tokens/s")
+        axes[1].set_title("Generation: vLLM vs HF generate", fontsize=10)
+        axes[1].legend(fontsize=8)
+        paths.append(BENCH_DIR / "rollout.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer steps and repetitions (about half the time)"
+    )
+    parser.add_argument(
+        "--threads", default="auto", help="torch threads for section train ('auto': see threads_for_timing)"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only rebuild RESULTS.md/results.json/plots from bench/out"
+    )
+    args = parser.parse_args()
+    sections = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    log_path = OUT / "run_log.json"
+    log = read_json(log_path) or {}
+    started = time.perf_counter()
+    if not args.report:
+        for name in sections:
+            run_section(name, args, log)
+        if set(sections) == set(SECTIONS):
+            log["full_run_seconds"] = round(time.perf_counter() - started, 1)
+            log["full_run_quick"] = args.quick
+        write_json(log_path, log)
+    report(log)
+    print(
+        f"wrote {BENCH_DIR / 'RESULTS.md'} and {BENCH_DIR / 'results.json'} in {time.perf_counter() - started:.0f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()
