@@ -57,35 +57,30 @@ def _distribution_on_s(model_dir: str, task):
     return response_distribution(model, load_tokenizer(model_dir), task)
 
 
-def _evaluate(model_dir: str, task, cfg: Config, reference) -> dict:
-    from spo_ray.eval.expert import expert_metrics
-
-    probs = _distribution_on_s(model_dir, task)
-    return expert_metrics(probs, task, cfg.loss.alpha, beta=cfg.loss.ref_beta, reference=reference)
-
-
 def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
     """Train on the synthetic expert task; `task_root` shares one task + fitted reference between runs."""
+    import torch
+
+    from spo_ray.eval.expert import expert_metrics
     from spo_ray.eval.plots import plot_curves, plot_expert_distributions
     from spo_ray.train.metrics import read_metrics
 
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg, task = prepare_expert_task(cfg, task_root or out)
-    reference = _distribution_on_s(cfg.model.path, task)
-    from spo_ray.eval.expert import expert_metrics
-
-    before = expert_metrics(reference, task, cfg.loss.alpha, beta=cfg.loss.ref_beta, reference=reference)
+    alpha, beta = cfg.loss.alpha, cfg.loss.ref_beta
+    reference = _distribution_on_s(cfg.model.path, task)  # [P, K]: the starting policy is the reference
+    before = expert_metrics(reference, task, alpha, beta=beta, reference=reference)
     summary = run_training(cfg)
-    after = _evaluate(summary["final_model"], task, cfg, reference)
-    import torch
-
+    after = expert_metrics(
+        _distribution_on_s(summary["final_model"], task), task, alpha, beta=beta, reference=reference
+    )
     plot_expert_distributions(
         torch.tensor(after["distribution_on_s"]),
-        task.target_distribution(cfg.loss.alpha),
-        torch.tensor(before["distribution_on_s"]),
+        task.target_distribution(alpha),
+        torch.tensor(before["distribution_on_s"]),  # the reference, renormalized on S like the others
         out / "distributions.png",
-        title=f"{cfg.loss.name} (alpha={cfg.loss.alpha}): learned vs softmax(r/alpha) vs reference",
+        title=f"{cfg.loss.name} (alpha={alpha}): learned vs softmax(r/alpha) vs reference",
     )
     plot_curves(read_metrics(out), ["pref_loss", "kl_k1", "kl_k3", "accuracy"], out / "curves.png")
     summary.update(
