@@ -24,7 +24,6 @@ class TrainState:
     epoch: int = 0
     consumed_in_epoch: int = 0  # examples of `epoch` already trained on, across all ranks
     policy_version: int = 0  # version of the weights last synced to the rollout actors
-    resumed_from_step: int = 0
 
 
 def capture_rng() -> dict:
@@ -81,9 +80,7 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer
     rng_file = directory / f"rng_rank{rank}.pt"
     if rng_file.exists():
         restore_rng(torch.load(rng_file, weights_only=False))
-    state = TrainState(**json.loads((directory / STATE_FILE).read_text()))
-    state.resumed_from_step = state.step
-    return state
+    return TrainState(**json.loads((directory / STATE_FILE).read_text()))
 
 
 def read_state(directory: str | os.PathLike) -> TrainState:

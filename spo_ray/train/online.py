@@ -47,19 +47,19 @@ class OnlineSampler:
                 top_p=self.cfg.top_p,
             )
 
+    def _fetch(self, step: int) -> tuple[list, int]:
+        """Wait for step's samples (requesting them if needed): (flat samples, policy lag)."""
+        self.request(step)
+        samples = [s for group in self.pending.pop(step).result(timeout=self.cfg.timeout_s) for s in group]
+        return samples, step - min(s.policy_version for s in samples)
+
     def get(self, step: int) -> tuple[list, float, int]:
         """(flat samples, seconds waited, policy lag) for `step`; regenerates once if too stale."""
         start = time.perf_counter()
-        self.request(step)
-        samples = [s for group in self.pending.pop(step).result(timeout=self.cfg.timeout_s) for s in group]
-        lag = step - min(s.policy_version for s in samples)
+        samples, lag = self._fetch(step)
         if lag > self.cfg.max_policy_lag:
             self.stale_resamples += 1
-            self.request(step)
-            samples = [
-                s for group in self.pending.pop(step).result(timeout=self.cfg.timeout_s) for s in group
-            ]
-            lag = step - min(s.policy_version for s in samples)
+            samples, lag = self._fetch(step)
         if self.cfg.overlap:
             self.request(step + 1)
         return samples, time.perf_counter() - start, lag

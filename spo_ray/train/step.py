@@ -42,11 +42,10 @@ class SampleBatch:
     attention_mask: torch.Tensor  # [S, T]
     response_mask: torch.Tensor  # [S, T], 1 on sampled tokens
     behavior_logps: torch.Tensor  # [S, T], rollout log-probs at the sampled tokens, 0 elsewhere
-    policy_versions: torch.Tensor  # [S] long
 
     @classmethod
     def from_samples(cls, samples: Sequence, pad_token_id: int, device: torch.device) -> SampleBatch:
-        """Build from rollout `Sample`s (prompt_token_ids, token_ids, logprobs, policy_version)."""
+        """Build from rollout `Sample`s (prompt_token_ids, token_ids, logprobs)."""
         rows = [list(s.prompt_token_ids) + list(s.token_ids) for s in samples]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -59,8 +58,7 @@ class SampleBatch:
             attention[i, : len(row)] = 1
             response[i, start : len(row)] = 1
             behavior[i, start : len(row)] = torch.tensor(list(sample.logprobs), dtype=torch.float32)
-        versions = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
-        return cls(ids.to(device), attention.to(device), response.to(device), behavior.to(device), versions)
+        return cls(ids.to(device), attention.to(device), response.to(device), behavior.to(device))
 
 
 @dataclass
