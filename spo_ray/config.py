@@ -191,6 +191,56 @@ class TaskConfig:
 
 
 @dataclass
+class JudgeConfig:
+    name: Literal["synthetic_expert", "reward_model", "llm_judge", "python"] = option(
+        "synthetic_expert",
+        "preference oracle of iterative rounds: the task's expert, a reward model, an LLM judge, or a callable",
+    )
+    model_path: str = option(
+        "",
+        "reward_model: a sequence-classification folder; llm_judge: the judge LM (folder, .gguf or 'smollm2')",
+    )
+    callable: str = option(
+        "", "python: import path of `fn(prompt, responses) -> scores` (`mypkg.judges:score`)"
+    )
+    num_actors: int = option(1, "parallel judge actors (reward model copies, LLM engines or Ray tasks)", ge=1)
+    num_cpus_per_actor: float = option(1.0, "Ray CPUs reserved by each judge actor", ge=0)
+    num_gpus_per_actor: float = option(0.0, "Ray GPUs reserved by each judge actor", ge=0)
+    batch_size: int = option(16, "responses scored per forward (reward_model)", ge=1)
+    max_length: int = option(512, "reward_model: tokens of prompt + response kept (cut from the left)", ge=8)
+    max_tokens: int = option(8, "llm_judge: max answer tokens", ge=1)
+    both_orders: bool = option(True, "llm_judge: ask (a, b) and (b, a) and average, reducing position bias")
+    timeout_s: float = option(600.0, "timeout of one judging call", gt=0)
+
+
+@dataclass
+class IterateConfig:
+    rounds: int = option(3, "iterative rounds: generate -> judge -> train -> sync", ge=1)
+    prompts_file: str = option(
+        "", "prompts of the rounds (JSONL with 'prompt'); empty: the task's prompts or data.reg_prompts_file"
+    )
+    prompts_per_round: int = option(8, "prompts sampled (without replacement) each round", ge=1)
+    candidates_per_prompt: int = option(
+        8, "responses generated per prompt from the current policy (SPPO's K)", ge=2
+    )
+    steps_per_round: int = option(40, "optimizer steps trained on each round's examples", ge=1)
+    examples: Literal["pairs", "best_of_n", "ranked"] = option(
+        "pairs", "examples built from judged candidates (loss sppo always uses its own per-sample rows)"
+    )
+    labels: Literal["sampled", "argmax"] = option(
+        "sampled",
+        "'sampled': winners drawn from the judge's probabilities (Bradley-Terry/Plackett-Luce); 'argmax': judge's best",
+    )
+    max_tokens: int = option(32, "max new tokens per candidate", ge=1)
+    temperature: float = option(1.0, "sampling temperature of the candidates", gt=0)
+    eval_prompts: int = option(
+        8, "fixed prompts for the per-round win rates (first k of the prompt set)", ge=1
+    )
+    eval_samples: int = option(4, "samples per eval prompt from each round's policy", ge=1)
+    seed: int = option(0, "seed of prompt sampling, candidate sampling and sampled labels")
+
+
+@dataclass
 class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = option(
         "offline", "Weights & Biases mode; offline writes to the output dir"
@@ -213,6 +263,8 @@ class Config:
     train: TrainConfig = section(TrainConfig, "Ray Train loop")
     loss: LossConfig = section(LossConfig, "preference loss and global KL regularizer")
     task: TaskConfig = section(TaskConfig, "built-in task (data, reference and exact evaluation)")
+    judge: JudgeConfig = section(JudgeConfig, "preference oracle of iterative rounds (spo-ray iterate)")
+    iterate: IterateConfig = section(IterateConfig, "iterative online rounds (spo-ray iterate)")
     logging: LoggingConfig = section(LoggingConfig, "metrics and progress")
     output: OutputConfig = section(OutputConfig, "where results go")
 
@@ -325,6 +377,9 @@ def _check_files(cfg: Config) -> None:
     for i, path in enumerate(cfg.data.eval_files):
         need(f"data.eval_files[{i}]", path)
     need("data.reg_prompts_file", cfg.data.reg_prompts_file)
+    need("iterate.prompts_file", cfg.iterate.prompts_file)
+    if cfg.judge.name in ("reward_model", "llm_judge") and cfg.judge.model_path != "smollm2":
+        need("judge.model_path", cfg.judge.model_path)
 
 
 def validate(cfg: Config, check_files: bool = True) -> Config:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from spo_ray.judges.base import Judge, Judgement, JudgeRequest
+
 # Each topic: a short user question and eight short, distinct answers (a few BPE tokens each).
 TOPICS: list[tuple[str, list[str]]] = [
     ("Name a color.", ["Red.", "Blue.", "Green.", "Yellow.", "Purple.", "Orange.", "Black.", "White."]),
@@ -245,3 +247,25 @@ def _write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+class SyntheticExpertJudge(Judge):
+    """The task's Bradley–Terry expert as a scoring judge: scores are the rewards r(x, y) (−10 outside S)."""
+
+    output = "scores"
+
+    def __init__(self, task: SyntheticExpertTask):
+        self.task = task
+
+    @classmethod
+    def from_config(cls, cfg, *, task: SyntheticExpertTask | None = None) -> SyntheticExpertJudge:
+        """Needs the task (`task.name: synthetic_expert` writes it); the judge config has nothing to add."""
+        if task is None:
+            raise ValueError(
+                "judge.name=synthetic_expert needs the synthetic expert task (task.name: synthetic_expert)"
+            )
+        return cls(task)
+
+    def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
+        """Exact scores; the expert never fails (a prompt outside the task raises KeyError)."""
+        return [Judgement(scores=self.task.score(r.question, r.responses)) for r in requests]
