@@ -1,0 +1,312 @@
+"""`spo-ray extrapolate`: ExPO weights θ_aligned + λ·(θ_aligned − θ_sft), or the best λ of a judged grid.
+
+With `--weight λ` it writes one model. With `--grid 0,0.25,0.5` it writes each λ's model to a scratch
+folder, evaluates it, keeps the best as `--out` and writes `grid.json` there. Evaluation is exact on the
+synthetic expert task (`task.name: synthetic_expert` + `--task task.json`: π on S(x) by teacher
+forcing, best by the judge's exact expected score); otherwise samples from one rollout pool (each λ's
+weights synced into it) are scored by `judge.name`: mean score for scoring judges, win rate against
+λ = 0 for pairwise judges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from spo_ray.commands.config import add_config_arguments
+from spo_ray.errors import ConfigError, UserError
+
+# Columns of the console table per evaluation: (key in a grid row, header).
+EXACT_COLUMNS = (
+    ("judge_expected_reward", "E[judge]"),
+    ("expected_reward", "E[r | S]"),
+    ("tv_to_target", "TV to target"),
+    ("entropy", "entropy"),
+    ("mass_on_s", "mass on S"),
+)
+
+
+def parse_grid(text: str) -> list[float]:
+    """'0,0.25,0.5,1' -> [0.0, 0.25, 0.5, 1.0]; UserError on a non-number or a repeat."""
+    weights = []
+    for item in text.split(","):
+        try:
+            weight = float(item)
+        except ValueError:
+            raise UserError(
+                f"--grid: {item.strip()!r} is not a number (expected e.g. 0,0.25,0.5,1)"
+            ) from None
+        if not math.isfinite(weight):
+            raise UserError(f"--grid: {item.strip()!r} is not a finite number")
+        if weight in weights:
+            raise UserError(f"--grid: λ = {weight:g} is listed twice")
+        weights.append(weight)
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluators: one per kind of judgement, each with evaluate(folder, weight, version) -> row, and close()
+
+
+class ExpertEvaluator:
+    """Exact metrics of each λ's model on the synthetic expert task (no sampling).
+
+    Best by the judge's expected score E_{y~π}[judge(x, y)] = Σ_S π·r + (1 − mass on S)·OUTSIDE_SCORE:
+    what the mean judge score of sampled responses estimates. `expected_reward` (π renormalized on S)
+    alone would favour a λ that pushes nearly all mass off S.
+    """
+
+    metric = "judge_expected_reward"
+    columns = EXACT_COLUMNS
+
+    def __init__(self, task: Any, alpha: float):
+        self.task = task
+        self.alpha = alpha
+
+    def evaluate(self, folder: Path, weight: float, version: int) -> dict:
+        from spo_ray.eval.expert import expert_metrics, response_distribution
+        from spo_ray.judges.synthetic_expert import OUTSIDE_SCORE
+        from spo_ray.models.loading import load_causal_lm, load_tokenizer
+
+        model = load_causal_lm(str(folder)).eval()
+        probs = response_distribution(model, load_tokenizer(str(folder)), self.task)  # [P, K]
+        metrics = expert_metrics(probs, self.task, self.alpha)
+        outside = (1 - probs.sum(-1)).clamp(min=0)  # [P]: mass the judge scores OUTSIDE_SCORE
+        judge_score = (probs * self.task.reward_tensor()).sum(-1) + outside * OUTSIDE_SCORE  # [P]
+        keys = ("expected_reward", "tv_to_target", "entropy", "mass_on_s", "target_expected_reward")
+        return {
+            "judge_expected_reward": judge_score.mean().item(),
+            **{key: metrics[key] for key in keys},
+            "distribution_on_s": metrics["distribution_on_s"],
+        }
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def judge_prompts(cfg: Any, task: Any) -> list[list[dict[str, str]]]:
+    """The first `iterate.eval_prompts` prompts of iterate.prompts_file (or the task's, or
+    data.reg_prompts_file), as chat messages."""
+    from spo_ray.commands.generate import read_prompts
+
+    if cfg.iterate.prompts_file:
+        prompts = read_prompts(cfg.iterate.prompts_file)
+    elif task is not None:
+        prompts = list(task.prompts)
+    elif cfg.data.reg_prompts_file:
+        prompts = read_prompts(cfg.data.reg_prompts_file)
+    else:
+        raise ConfigError(
+            "iterate.prompts_file", 'the judge needs prompts: set it to a JSONL file of {"prompt": ...} rows'
+        )
+    messages = []
+    for prompt in prompts[: cfg.iterate.eval_prompts]:
+        if isinstance(prompt, str):
+            messages.append([{"role": "user", "content": prompt}])
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            messages.append(prompt)
+        else:
+            raise UserError("extrapolate --grid: judges need text or chat prompts, not token ids")
+    return messages
+
+
+class JudgeEvaluator:
+    """Samples of each λ's model (one rollout pool; weights synced per λ) judged by `cfg.judge`.
+
+    A scoring judge gives the mean score; a pairwise judge the win rate P(λ's sample ≻ λ = 0's sample),
+    pairing sample i of each prompt with the aligned model's sample i. Verdicts the judge could not give
+    are left out of the mean and counted in the row's `failures`.
+    """
+
+    def __init__(self, cfg: Any, task: Any, aligned_dir: str, verbose: bool = False):
+        import ray
+
+        from spo_ray.judges import build_judge
+
+        self.settings = cfg.iterate
+        self.prompts = judge_prompts(cfg, task)
+        self.started_ray = not ray.is_initialized()
+        self.pool = self.judge = None
+        if self.started_ray:
+            ray.init(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
+        try:
+            try:
+                self.judge = build_judge(cfg.judge, task=task)
+            except ValueError as exc:
+                hint = " (pass --task PATH/task.json)" if cfg.judge.name == "synthetic_expert" else ""
+                raise ConfigError("judge.name", f"{exc}{hint}") from None
+            self.metric = "mean_score" if self.judge.output == "scores" else "win_rate"
+            self.columns = ((self.metric, self.metric.replace("_", " ")), ("judged", "judged"))
+            from spo_ray.rollout import RolloutPool
+
+            self.pool = RolloutPool.from_config(aligned_dir, cfg.rollout)
+            self.baseline = self._sample()  # λ = 0: the aligned model the pool starts with
+        except BaseException:
+            self.close()
+            raise
+
+    def _sample(self) -> list[list[str]]:
+        s = self.settings
+        samples = self.pool.generate(
+            self.prompts, n=s.eval_samples, max_tokens=s.max_tokens, temperature=s.temperature, seed=s.seed
+        )
+        return [[sample.text for sample in per_prompt] for per_prompt in samples]
+
+    def evaluate(self, folder: Path, weight: float, version: int) -> dict:
+        from spo_ray.judges import JudgeRequest, total_failures
+        from spo_ray.models.extrapolate import read_state_dict
+
+        if weight == 0:
+            texts = self.baseline
+        else:
+            self.pool.sync_weights(read_state_dict(folder), version)
+            texts = self._sample()
+        if self.metric == "mean_score":
+            requests = [JudgeRequest(prompt, responses) for prompt, responses in zip(self.prompts, texts)]
+            judgements = self.judge.judge(requests)
+            values = [s for j in judgements for s in (j.scores or []) if s is not None]
+        else:
+            requests = [
+                JudgeRequest(prompt, [mine, base])
+                for prompt, responses, baseline in zip(self.prompts, texts, self.baseline)
+                for mine, base in zip(responses, baseline)
+            ]
+            judgements = self.judge.judge(requests)
+            values = [p for j in judgements if (p := j.preference(0, 1)) is not None]
+        return {
+            self.metric: sum(values) / len(values) if values else None,
+            "judged": len(values),
+            "failures": total_failures(judgements),
+            "samples": texts,
+        }
+
+    def close(self) -> None:
+        """Stop the pool and the judge, and Ray if this evaluator started it."""
+        import ray
+
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.judge is not None:
+            self.judge.close()
+        if self.started_ray:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid
+
+
+def format_table(rows: list[dict], columns: tuple, best_index: int | None) -> str:
+    """One line per λ: its metrics, the judge's failure counts (when judged), and a marker on the best."""
+    header = f"{'λ':>7} " + " ".join(f"{title:>12}" for _, title in columns)
+    judged = any("failures" in row for row in rows)
+    lines = [header + ("  failures" if judged else "")]
+    for index, row in enumerate(rows):
+        cells = []
+        for key, _ in columns:
+            value = row.get(key)
+            cells.append(f"{'—':>12}" if value is None else f"{value:>12.4g}")
+        line = f"{row['weight']:>7g} " + " ".join(cells)
+        if judged:
+            failures = ", ".join(f"{k}: {v}" for k, v in row["failures"].items()) or "0"
+            line += f"  {failures}"
+        lines.append(line + ("  <- best" if index == best_index else ""))
+    return "\n".join(lines)
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    """Evaluate every λ of --grid, save the best λ's model as --out, write grid.json there, print a table."""
+    from tqdm import tqdm
+
+    from spo_ray.config import load_config
+    from spo_ray.models.extrapolate import WeightFolder, check_compatible, check_output_dir, extrapolate
+
+    weights = parse_grid(args.grid)
+    cfg = load_config(args.config, args.overrides)
+    check_compatible(WeightFolder.open(args.sft, "--sft"), WeightFolder.open(args.aligned, "--aligned"))
+    out = check_output_dir(args.out, args.sft, args.aligned)  # before any λ is evaluated
+    task = None
+    if args.task:
+        from spo_ray.judges.synthetic_expert import SyntheticExpertTask
+
+        if not Path(args.task).is_file():
+            raise UserError(f"--task '{args.task}' does not exist (the task.json that spo-ray train writes)")
+        task = SyntheticExpertTask.load(args.task)
+    if cfg.task.name == "synthetic_expert":
+        if task is None:
+            raise ConfigError(
+                "task.name", "synthetic_expert evaluates exactly: pass --task OUTPUT_DIR/task/task.json"
+            )
+        evaluator: Any = ExpertEvaluator(task, cfg.loss.alpha)
+    else:
+        evaluator = JudgeEvaluator(cfg, task, args.aligned, verbose=args.verbose)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix=".expo-grid-", dir=out.parent) as scratch:
+            bar = tqdm(weights, unit="λ", disable=not cfg.logging.progress)
+            for version, weight in enumerate(bar, start=1):
+                bar.set_postfix(weight=weight)
+                folder = extrapolate(args.sft, args.aligned, weight, Path(scratch) / f"weight_{version}")
+                rows.append({"weight": weight, **evaluator.evaluate(folder, weight, version)})
+                shutil.rmtree(folder)
+    finally:
+        evaluator.close()
+    scored = [i for i, row in enumerate(rows) if row[evaluator.metric] is not None]
+    best = max(scored, key=lambda i: rows[i][evaluator.metric]) if scored else None
+    if best is not None:
+        extrapolate(args.sft, args.aligned, rows[best]["weight"], out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "sft": str(Path(args.sft).resolve()),
+        "aligned": str(Path(args.aligned).resolve()),
+        "metric": evaluator.metric,
+        "best_weight": None if best is None else rows[best]["weight"],
+        "grid": rows,
+    }
+    (out / "grid.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(format_table(rows, evaluator.columns, best))
+    if best is None:
+        raise UserError(f"the judge gave no verdict for any λ (failures are in {out / 'grid.json'})")
+    print(f"best λ = {rows[best]['weight']:g} by {evaluator.metric}; wrote {out} and {out / 'grid.json'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from spo_ray.models.extrapolate import extrapolate
+
+    if args.grid is not None:
+        return run_grid(args)
+    if args.config or args.overrides or args.task:
+        raise UserError("--config, --set and --task only apply with --grid (they choose how λ is evaluated)")
+    out = extrapolate(args.sft, args.aligned, args.weight, args.out)
+    print(
+        f"wrote {out}: θ_aligned + {args.weight:g}·(θ_aligned − θ_sft) of '{args.aligned}' and '{args.sft}'"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extrapolate", help="ExPO: write θ_aligned + λ·(θ_aligned − θ_sft), or pick the best λ of a grid"
+    )
+    parser.add_argument("--sft", required=True, help="the SFT model folder (the starting point of alignment)")
+    parser.add_argument("--aligned", required=True, help="the aligned model folder (fine-tuned from --sft)")
+    strength = parser.add_mutually_exclusive_group(required=True)
+    strength.add_argument("--weight", type=float, help="λ: > 0 extrapolates, 0 is aligned, -1 is sft")
+    strength.add_argument("--grid", help="comma-separated λ values to evaluate, e.g. 0,0.25,0.5,1")
+    parser.add_argument(
+        "--out", required=True, help="output model folder (with --grid: the best λ + grid.json)"
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--task", help="synthetic expert task.json (from spo-ray train) for exact evaluation or its judge"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show engine logs")
+    parser.set_defaults(run=run)
