@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
@@ -100,9 +101,13 @@ def total_failures(judgements: list[Judgement]) -> dict[str, int]:
 
 
 class Judge(ABC):
-    """A preference oracle. `output` says what `judge` fills: 'scores' or 'pairwise'."""
+    """A preference oracle. `output` says what `judge` fills: 'scores' or 'pairwise'.
+
+    `last_error` keeps the message of the latest failure that has one (None while there was none).
+    """
 
     output: str = "scores"
+    last_error: str | None = None
 
     @abstractmethod
     def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
@@ -111,11 +116,24 @@ class Judge(ABC):
     def close(self) -> None:  # noqa: B027 (a default, not an abstract method)
         """Release actors and engines (a no-op for judges that hold none)."""
 
+    def record_error(self, reason: str, message: str) -> None:
+        """Keep `message` as `last_error`; a judge's first one is also a warning, so it is seen."""
+        if self.last_error is None:
+            warnings.warn(f"{type(self).__name__}: {message} (counted as failure {reason!r})", stacklevel=2)
+        self.last_error = message
+
     def __enter__(self) -> Judge:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def contiguous_chunks(num_items: int, num_parts: int) -> list[slice]:
+    """Split range(num_items) into at most `num_parts` contiguous, non-empty slices of near-equal size."""
+    parts = max(1, min(num_parts, num_items))
+    bounds = [round(i * num_items / parts) for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
 
 
 def build_judge(cfg, *, task: Any = None) -> Judge:
