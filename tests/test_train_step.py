@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,7 +169,18 @@ def test_precomputed_reference_log_probs_give_the_same_dpo_loss_without_a_refere
     policy, reference, tokenizer = models
     rows = make_rows(tokenizer, PROMPTS, RESPONSES)
     scorer = ReferenceScorer(str(tiny_model_dir), tokenizer.pad_token_id, "float64")
-    scored = scorer(dict(rows))
+    table = pa.table(  # what Ray Data hands the scorer: a pyarrow batch of the pipeline's columns
+        {
+            "prompt_ids": [p.tolist() for p in rows["prompt_ids"]],
+            "response_ids": [[r.tolist() for r in example] for example in rows["response_ids"]],
+            "ranking": [r.tolist() for r in rows["ranking"]],
+            "example_id": rows["example_id"],
+        }
+    )
+    scored_table = scorer(table)
+    scored = {
+        name: scored_table.column(name).to_numpy(zero_copy_only=False) for name in scored_table.column_names
+    }
     for p, responses, ref_logps in zip(rows["prompt_ids"], rows["response_ids"], scored["ref_logps"]):
         for response, value in zip(responses, ref_logps):
             assert value == pytest.approx(brute_force_logp(reference, p, response).item(), abs=1e-9)

@@ -9,7 +9,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time names load on fi
     from spo_ray.data.checks import inspect_paths, validate_paths
     from spo_ray.data.collate import PreferenceBatch, collate_preference_batch, response_logps
     from spo_ray.data.pipeline import PreparedData, prepare_preference_data
-    from spo_ray.data.prompts import load_reg_prompts
+    from spo_ray.data.prompts import load_reg_prompts, read_prompt_file
     from spo_ray.data.schema import REASONS, Example, RowProblem, detect_format, normalize_row
     from spo_ray.data.sharding import ShardPlan, permute, shard_plan, train_shards
     from spo_ray.data.templating import Templater
@@ -26,6 +26,7 @@ _EXPORTS = {
     "PreferenceBatch": "collate",
     "response_logps": "collate",
     "load_reg_prompts": "prompts",
+    "read_prompt_file": "prompts",
     "normalize_row": "schema",
     "detect_format": "schema",
     "Example": "schema",
@@ -51,6 +52,7 @@ __all__ = [
     "normalize_row",
     "permute",
     "prepare_preference_data",
+    "read_prompt_file",
     "response_logps",
     "shard_plan",
     "train_shards",

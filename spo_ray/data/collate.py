@@ -29,6 +29,8 @@ class PreferenceBatch:
     max_seqlen: int = 0  # longest sequence (prompt + response) in the batch
     epoch_positions: torch.Tensor | None = None  # [B] long, for rows from `train_shards`
     ref_logps: torch.Tensor | None = None  # [B, n] precomputed reference log-probs (train/reference.py)
+    prev_logps: torch.Tensor | None = None  # [B, n] SPPO: log-probs under the round's start policy π_t
+    win_prob: torch.Tensor | None = None  # [B, n] SPPO: the judge's P̂(y ≻ π_t | x)
     packed: bool = False
 
     @property
@@ -75,10 +77,12 @@ def collate_preference_batch(
     extra = {}
     if "epoch_position" in rows:
         extra["epoch_positions"] = torch.from_numpy(_ids(rows["epoch_position"]))
-    if "ref_logps" in rows:
-        extra["ref_logps"] = torch.from_numpy(
-            np.stack([np.asarray(r, dtype=np.float64) for r in rows["ref_logps"]])
-        )
+    for column in ("ref_logps", "prev_logps", "win_prob"):  # optional per-response floats
+        if column in rows:
+            values = [np.asarray(r, dtype=np.float64) for r in rows[column]]
+            if any(v.shape != (n,) for v in values):
+                raise ValueError(f"collate_preference_batch: every row needs {n} values of '{column}'")
+            extra[column] = torch.from_numpy(np.stack(values))
     common = {
         "ranking": ranking,
         "example_ids": torch.from_numpy(_ids(rows["example_id"])),

@@ -101,23 +101,23 @@ class _Writer:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema(
-            [
-                ("prompt_ids", pa.list_(pa.int32())),
-                ("response_ids", pa.list_(pa.list_(pa.int32()))),
-                ("ranking", pa.list_(pa.int32())),
-            ]
-        )
+        columns = [
+            ("prompt_ids", pa.list_(pa.int32())),
+            ("response_ids", pa.list_(pa.list_(pa.int32()))),
+            ("ranking", pa.list_(pa.int32())),
+        ]
         rows, self.buffered = self.buffered, []
         n = len(rows[0].response_ids)
-        table = pa.table(
-            {
-                "prompt_ids": [e.prompt_ids for e in rows],
-                "response_ids": [e.response_ids for e in rows],
-                "ranking": [e.ranking + [-1] * (n - len(e.ranking)) for e in rows],  # best-of-n: -1 pads
-            },
-            schema=schema,
-        )
+        data = {
+            "prompt_ids": [e.prompt_ids for e in rows],
+            "response_ids": [e.response_ids for e in rows],
+            "ranking": [e.ranking + [-1] * (n - len(e.ranking)) for e in rows],  # best-of-n: -1 pads
+        }
+        if any(e.win_probs for e in rows):  # SPPO self-play rows
+            columns.append(("win_prob", pa.list_(pa.float64())))
+            data["win_prob"] = [e.win_probs for e in rows]
+        schema = pa.schema(columns)
+        table = pa.table(data, schema=schema)
         if self.table_writer is None:
             path = os.path.join(self.out_dir, self.result.role, f"part-{self.result.index:06d}.parquet")
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -26,7 +26,9 @@ def _reg_prompt(value: object) -> list[dict[str, str]]:
     return parse_prompt(value["prompt"])
 
 
-def _prompt_messages(chunks: list[Chunk], fmt: str, from_reg_file: bool, skip_bad: bool):
+def _prompt_messages(
+    chunks: list[Chunk], fmt: str, from_reg_file: bool, skip_bad: bool, key: str = "data.reg_prompts_file"
+):
     from spo_ray.data.processing import iter_examples
 
     for chunk in chunks:
@@ -39,11 +41,27 @@ def _prompt_messages(chunks: list[Chunk], fmt: str, from_reg_file: bool, skip_ba
                     yield _reg_prompt(raw.value)
                 except RowProblem as problem:
                     if not skip_bad:
-                        raise DataError(f"{raw.location}: {problem} (data.reg_prompts_file)") from None
+                        raise DataError(f"{raw.location}: {problem} ({key})") from None
         else:
             for _, item in iter_examples(iter_chunk_rows(chunk), fmt):
                 if not isinstance(item, RowProblem):  # bad rows are reported by prepare_preference_data
                     yield item.prompt
+
+
+def read_prompt_file(path: str, key: str) -> list[list[dict[str, str]]]:
+    """Prompt messages from a JSONL file of {"prompt": str or messages}, deduplicated, in file order;
+    a bad row raises DataError naming file:line and the config `key` that named the file."""
+    chunks = plan_chunks(resolve_sources([path], key), 1 << 30, "prompts")
+    seen: set[str] = set()
+    out = []
+    for messages in _prompt_messages(chunks, "auto", from_reg_file=True, skip_bad=False, key=key):
+        text = json.dumps(messages, sort_keys=True)
+        if text not in seen:
+            seen.add(text)
+            out.append(messages)
+    if not out:
+        raise DataError(f"{path}: no prompts ({key})")
+    return out
 
 
 def load_reg_prompts(

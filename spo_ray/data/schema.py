@@ -56,6 +56,7 @@ class Example:
     response_fields: list[str]
     format: str = ""
     scores: list[float] = field(default_factory=list)
+    win_probs: list[float] = field(default_factory=list)  # SPPO: judge's P̂(y ≻ π_t | x) per response
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for printing (format, prompt, responses, ranking, scores if any)."""
@@ -65,7 +66,8 @@ class Example:
             "responses": self.responses,
             "ranking": self.ranking,
         }
-        return out | ({"scores": self.scores} if self.scores else {})
+        out |= {"scores": self.scores} if self.scores else {}
+        return out | ({"win_probs": self.win_probs} if self.win_probs else {})
 
 
 def _kind(value: Any) -> str:
@@ -298,8 +300,22 @@ def parse_prompt(value: Any, where: str = "prompt") -> list[dict[str, str]]:
     return _check_prompt(_messages(value, where), where)
 
 
+def _win_probs(row: dict, n: int) -> list[float]:
+    value = row["win_probs"]
+    if not isinstance(value, list) or any(
+        isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0 for p in value
+    ):
+        raise RowProblem(
+            "win_probs", "wrong_type", f"expected a list of probabilities in [0, 1], got {value!r:.80}"
+        )
+    if len(value) != n:
+        raise RowProblem("win_probs", "wrong_count", f"{len(value)} win_probs for {n} responses")
+    return [float(p) for p in value]
+
+
 def normalize_nary(row: dict) -> Example:
-    """{prompt, responses: [...], ranking: [best first]} or {prompt, responses, scores}."""
+    """{prompt, responses: [...], ranking: [best first]} or {prompt, responses, scores}; or SPPO's
+    {prompt, responses, win_probs}: samples of π_t (repeats allowed) with P̂(y ≻ π_t | x) each."""
     _require(row, ("prompt", "responses"), "nary")
     prompt = parse_prompt(row["prompt"])
     items = row["responses"]
@@ -312,6 +328,9 @@ def normalize_nary(row: dict) -> Example:
         _text(item, where) if isinstance(item, str) else _reply(_messages(item, where), where)
         for item, where in zip(items, fields)
     ]
+    if row.get("win_probs") is not None:  # self-play samples: a repeat is a sample drawn twice
+        win_probs = _win_probs(row, len(items))
+        return Example(prompt, replies, list(range(len(items))), fields, "nary", win_probs=win_probs)
     ranking = _ranking_from(row, len(items))
     _distinct(replies, fields)
     scores = [float(s) for s in row["scores"]] if row.get("ranking") is None else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from spo_ray.data.schema import Example, RowProblem
@@ -44,6 +44,7 @@ class TokenizedExample:
     response_ids: list[list[int]]
     ranking: list[int]
     prompt_truncated: bool
+    win_probs: list[float] = field(default_factory=list)
 
 
 class Templater:
@@ -166,4 +167,4 @@ class Templater:
                 f"data.max_length={self.max_length}; responses are never cut: raise data.max_length "
                 f"or lower data.max_prompt_length",
             )
-        return TokenizedExample(prompt, responses, list(ex.ranking), truncated)
+        return TokenizedExample(prompt, responses, list(ex.ranking), truncated, list(ex.win_probs))

@@ -1,7 +1,8 @@
-"""Precomputed reference log-probs: score every response with the frozen reference once, before training.
+"""Precomputed log-probs: score every response with a frozen model once, before training.
 
 For the offline reference-based losses (dpo, ipo, cdpo, rdpo) this removes the reference forward from
-every step, and the workers load no reference copy unless the online KL regularizer needs one.
+every step, and the workers load no reference copy unless the online KL regularizer needs one. SPPO
+scores its rows with the round's start policy π_t the same way (column `prev_logps`).
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 REF_COLUMN = "ref_logps"
 
 
 class ReferenceScorer:
-    """Ray Data callable: adds `ref_logps` (one float per response) to tokenized preference rows."""
+    """Ray Data callable: adds `column` (one log-prob per response) to tokenized preference rows."""
 
-    def __init__(self, model_dir: str, pad_token_id: int, dtype: str):
+    def __init__(self, model_dir: str, pad_token_id: int, dtype: str, column: str = REF_COLUMN):
         import torch
 
         from spo_ray.models.loading import load_causal_lm
@@ -27,33 +26,44 @@ class ReferenceScorer:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
         self.model = load_causal_lm(model_dir, dtype).eval()
         self.pad_token_id = pad_token_id
+        self.column = column
 
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, table):
+        """A pyarrow batch in, the same batch plus `column` out: the token columns are never converted
+        back from numpy (ragged nested lists fall back to pickled objects that Parquet readers refuse)."""
+        import pyarrow as pa
         import torch
 
         from spo_ray.data import collate_preference_batch, response_logps
 
+        names = ("prompt_ids", "response_ids", "ranking", "example_id")
+        rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in names}
         batch = collate_preference_batch(rows, self.pad_token_id)
         with torch.no_grad():
             logits = self.model(**batch.model_inputs()).logits
-            logps = response_logps(logits, batch).view(-1, batch.num_responses).double().numpy()  # [B, n]
-        rows[REF_COLUMN] = np.array(list(logps), dtype=object) if logps.ndim == 2 else logps
-        return rows
+            logps = response_logps(logits, batch).view(-1, batch.num_responses).double()  # [B, n]
+        return table.append_column(self.column, pa.array(logps.tolist(), type=pa.list_(pa.float64())))
 
 
 def add_reference_logps(
-    prepared, reference_dir: str, dtype: str, out_dir: str | os.PathLike, batch_size: int = 32
+    prepared,
+    reference_dir: str,
+    dtype: str,
+    out_dir: str | os.PathLike,
+    batch_size: int = 32,
+    column: str = REF_COLUMN,
 ):
-    """Score `prepared.train` once with the reference, write it to Parquet, and return a copy reading it back."""
+    """Score `prepared.train` once with `reference_dir` into `column`, write it to Parquet, and return a
+    copy reading it back."""
     import ray.data
 
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
     scored = prepared.train.map_batches(
         ReferenceScorer,
-        fn_constructor_args=(reference_dir, prepared.pad_token_id, dtype),
+        fn_constructor_args=(reference_dir, prepared.pad_token_id, dtype, column),
         batch_size=batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
         concurrency=1,
     )
     scored.write_parquet(str(out))

@@ -40,8 +40,9 @@ def local_cpus_needed(cfg: Config) -> int:
     return math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + rollout) + DATA_CPUS
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local runtime sized for this run.
+def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
+    """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local runtime sized for this run
+    (plus `extra_cpus` for actors beyond the training run's, e.g. judges).
 
     On a laptop the logical CPU count is raised to what the run reserves (trainers + rollout actors +
     Ray Data), oversubscribing the cores rather than deadlocking on 2 of them; clusters keep their own.
@@ -55,7 +56,7 @@ def ensure_ray(cfg: Config) -> None:
         # address="local": always a fresh runtime; plain ray.init() would attach to any `ray start` on the machine
         ray.init(
             address="local",
-            num_cpus=max(os.cpu_count() or 1, local_cpus_needed(cfg)),
+            num_cpus=max(os.cpu_count() or 1, math.ceil(local_cpus_needed(cfg) + extra_cpus)),
             include_dashboard=False,
             configure_logging=False,
         )
@@ -75,8 +76,12 @@ def epochs_needed(cfg: Config, num_examples: int, start: int, done_steps: int) -
     return 1 + math.ceil(beyond_first / per_epoch) + 1  # +1: batches straddle epoch ends
 
 
-def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
-    """Train per `cfg`, write `summary.json`, `metrics.jsonl` and `final/` into `cfg.output.dir`; return the summary."""
+def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=None) -> dict:
+    """Train per `cfg`, write `summary.json`, `metrics.jsonl` and `final/` into `cfg.output.dir`; return the summary.
+
+    `rollout_pool`: a running RolloutPool already serving the starting weights (version 0) to use for the
+    online KL samples instead of starting one (iterative rounds share theirs); the caller shuts it down.
+    """
     started = time.perf_counter()
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,10 @@ def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
                 "train.precompute_ref_logps", f"loss {cfg.loss.name} needs reference logits every step"
             )
         prepared = add_reference_logps(prepared, reference_dir, cfg.model.dtype, out / "reference_logps")
+    if "prev_logps" in spec.required_terms:  # SPPO: lp_t(y) under this round's start policy π_t
+        prepared = add_reference_logps(
+            prepared, model_dir, cfg.model.dtype, out / "prev_logps", column="prev_logps"
+        )
 
     storage = out / "checkpoints"
     latest = latest_checkpoint_dir(storage / RUN_NAME)
@@ -121,7 +130,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
         from spo_ray.rollout import RolloutPool
 
         reg_prompts = load_reg_prompts(cfg.data, model_dir)
-        pool = RolloutPool.from_config(model_dir, cfg.rollout)
+        pool = rollout_pool or RolloutPool.from_config(model_dir, cfg.rollout)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -151,7 +160,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None) -> dict:
         )
         result = trainer.fit()
     finally:
-        if pool is not None:
+        if pool is not None and pool is not rollout_pool:
             pool.shutdown()
     if result.error:
         raise result.error

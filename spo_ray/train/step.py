@@ -270,6 +270,10 @@ def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerm
         terms["best_index"] = batch.ranking[:, 0]
     if "lengths" in required:
         terms["lengths"] = batch.response_lengths.view(-1, n).to(policy_logits.dtype)
+    for name in ("prev_logps", "win_prob"):  # SPPO: [B, n] scored with π_t and judged before the round
+        value = getattr(batch, name, None)
+        if name in required and value is not None:
+            terms[name] = value.to(device=policy_logps.device, dtype=policy_logps.dtype)
     # [B, n] reference log-probs scored once before training (train/reference.py), when the data has them
     precomputed = getattr(batch, "ref_logps", None)
     if ctx.spec.needs_reference and precomputed is not None and not ctx.spec.needs_token_logits:
@@ -296,7 +300,8 @@ def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerm
     missing = [name for name in required if name not in terms]
     if missing:
         raise ValueError(
-            f"loss {ctx.spec.name!r} needs {missing}, which offline preference data does not provide"
+            f"loss {ctx.spec.name!r} needs {missing}, which this preference data does not provide "
+            "(sppo trains on rows with win_probs, which `spo-ray iterate` builds each round)"
         )
     return PreferenceTerms(**terms)
 
