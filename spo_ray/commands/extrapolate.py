@@ -69,21 +69,19 @@ class ExpertEvaluator:
         self.alpha = alpha
 
     def evaluate(self, folder: Path, weight: float, version: int) -> dict:
-        from spo_ray.eval.expert import expert_metrics, response_distribution
-        from spo_ray.judges.synthetic_expert import OUTSIDE_SCORE
-        from spo_ray.models.loading import load_causal_lm, load_tokenizer
+        from spo_ray.eval.expert import expert_metrics, model_distribution_on_s
 
-        model = load_causal_lm(str(folder)).eval()
-        probs = response_distribution(model, load_tokenizer(str(folder)), self.task)  # [P, K]
-        metrics = expert_metrics(probs, self.task, self.alpha)
-        outside = (1 - probs.sum(-1)).clamp(min=0)  # [P]: mass the judge scores OUTSIDE_SCORE
-        judge_score = (probs * self.task.reward_tensor()).sum(-1) + outside * OUTSIDE_SCORE  # [P]
-        keys = ("expected_reward", "tv_to_target", "entropy", "mass_on_s", "target_expected_reward")
-        return {
-            "judge_expected_reward": judge_score.mean().item(),
-            **{key: metrics[key] for key in keys},
-            "distribution_on_s": metrics["distribution_on_s"],
-        }
+        metrics = expert_metrics(model_distribution_on_s(str(folder), self.task), self.task, self.alpha)
+        keys = (
+            "judge_expected_reward",
+            "expected_reward",
+            "tv_to_target",
+            "entropy",
+            "mass_on_s",
+            "target_expected_reward",
+            "distribution_on_s",
+        )
+        return {key: metrics[key] for key in keys}
 
     def close(self) -> None:
         """Nothing to release."""

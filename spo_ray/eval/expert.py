@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spo_ray.judges.synthetic_expert import SyntheticExpertTask
+from spo_ray.judges.synthetic_expert import OUTSIDE_SCORE, SyntheticExpertTask
 
 
 @dataclass
@@ -87,6 +87,14 @@ def response_distribution(model, tokenizer, task: SyntheticExpertTask, chunk_siz
     return response_logprobs(model, tokenizer, task, chunk_size).exp()
 
 
+def model_distribution_on_s(model_dir: str, task: SyntheticExpertTask) -> torch.Tensor:
+    """`response_distribution` of the Hugging Face model saved in `model_dir`, [P, K] float64."""
+    from spo_ray.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(model_dir).eval()
+    return response_distribution(model, load_tokenizer(model_dir), task)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Distances between distributions over S (last dim), as plain functions
 
@@ -142,6 +150,10 @@ def expert_metrics(
         "mass_on_s": mass.mean().item(),
         "per_prompt_mass_on_s": mass.tolist(),
         "expected_reward": (learned * rewards).sum(-1).mean().item(),
+        # E_{y~π}[judge(x, y)]: responses outside S score OUTSIDE_SCORE, so mass leaving S counts here
+        "judge_expected_reward": ((probs * rewards).sum(-1) + (1 - mass).clamp(min=0) * OUTSIDE_SCORE)
+        .mean()
+        .item(),
         "target_expected_reward": (target * rewards).sum(-1).mean().item(),
     }
     ref_on_s = None if reference is None else restrict_to_support(reference.to(torch.float64))

@@ -261,8 +261,12 @@ class SyntheticExpertJudge(Judge):
     def from_config(cls, cfg, *, task: SyntheticExpertTask | None = None) -> SyntheticExpertJudge:
         """Needs the task (`task.name: synthetic_expert` writes it); the judge config has nothing to add."""
         if task is None:
-            raise ValueError(
-                "judge.name=synthetic_expert needs the synthetic expert task (task.name: synthetic_expert)"
+            from spo_ray.errors import ConfigError
+
+            raise ConfigError(
+                "judge.name",
+                "synthetic_expert judges the synthetic expert task: set task.name=synthetic_expert, or pick "
+                "another judge (reward_model, llm_judge, python)",
             )
         return cls(task)
 

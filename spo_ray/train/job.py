@@ -49,19 +49,11 @@ def prepare_expert_task(cfg: Config, out: Path) -> tuple[Config, object]:
     return dataclasses.replace(cfg, model=model, data=data), task
 
 
-def _distribution_on_s(model_dir: str, task):
-    from spo_ray.eval.expert import response_distribution
-    from spo_ray.models.loading import load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(model_dir).eval()
-    return response_distribution(model, load_tokenizer(model_dir), task)
-
-
 def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
     """Train on the synthetic expert task; `task_root` shares one task + fitted reference between runs."""
     import torch
 
-    from spo_ray.eval.expert import expert_metrics
+    from spo_ray.eval.expert import expert_metrics, model_distribution_on_s
     from spo_ray.eval.plots import plot_curves, plot_expert_distributions
     from spo_ray.train.metrics import read_metrics
 
@@ -69,11 +61,11 @@ def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg, task = prepare_expert_task(cfg, task_root or out)
     alpha, beta = cfg.loss.alpha, cfg.loss.ref_beta
-    reference = _distribution_on_s(cfg.model.path, task)  # [P, K]: the starting policy is the reference
+    reference = model_distribution_on_s(cfg.model.path, task)  # [P, K]: the starting policy is the reference
     before = expert_metrics(reference, task, alpha, beta=beta, reference=reference)
     summary = run_training(cfg)
     after = expert_metrics(
-        _distribution_on_s(summary["final_model"], task), task, alpha, beta=beta, reference=reference
+        model_distribution_on_s(summary["final_model"], task), task, alpha, beta=beta, reference=reference
     )
     plot_expert_distributions(
         torch.tensor(after["distribution_on_s"]),

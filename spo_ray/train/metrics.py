@@ -14,13 +14,21 @@ PROGRESS_KEYS = ("loss", "kl_k1", "accuracy", "pairs_per_s")
 class MetricsLogger:
     """Writes one JSON line per logged step; on resume, drops lines past the resumed step first."""
 
-    def __init__(self, output_dir: str, logging_cfg, run_config: dict, total_steps: int, start_step: int):
+    def __init__(
+        self,
+        output_dir: str,
+        logging_cfg,
+        run_config: dict,
+        total_steps: int,
+        start_step: int,
+        desc: str = "train",
+    ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         self.log_every = logging_cfg.log_every
         self.progress = (
-            tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
             if logging_cfg.progress
             else None
         )

@@ -1,0 +1,338 @@
+"""`spo-ray iterate`: rounds of generate -> judge -> build examples -> train k steps -> sync -> evaluate.
+
+Layout of the output dir:
+
+    DIR/rounds/round_T/candidates.jsonl   samples of π_{T-1} for the round's prompts (rollout pool)
+    DIR/rounds/round_T/examples.jsonl     rows built from the judge's verdicts (+ judging.json: counts)
+    DIR/rounds/round_T/train/             the round's Ray Train run (checkpoints, metrics, final/)
+    DIR/rounds/round_T/eval_samples.jsonl samples of π_T on the fixed eval prompts
+    DIR/rounds/round_T/round.json         the round's metrics; round_0 describes the starting policy
+    DIR/summary.json                      {"rounds": [round 0, round 1, ...], ...}
+
+Every stage writes its file atomically and is skipped when the file exists, and the training stage
+resumes from its own checkpoints, so re-running the command continues a run killed mid-round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from spo_ray.config import Config, TaskConfig, config_to_dict
+from spo_ray.errors import ConfigError
+from spo_ray.eval.win_rate import head_to_head, mean_score, monte_carlo_entropy
+from spo_ray.iterate.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
+from spo_ray.judges.base import JudgeRequest, build_judge, total_failures
+
+
+def run_iterate(cfg: Config) -> dict:
+    """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`."""
+    from spo_ray.models.loading import resolve_model_dir
+    from spo_ray.rollout import RolloutPool
+    from spo_ray.train.metrics import MetricsLogger
+    from spo_ray.train.runner import ensure_ray
+
+    started = time.perf_counter()
+    kind = _example_kind(cfg)
+    out = Path(cfg.output.dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    ensure_ray(cfg, extra_cpus=_extra_cpus(cfg))
+    task = None
+    if cfg.task.name == "synthetic_expert":
+        from spo_ray.train.job import prepare_expert_task
+
+        cfg, task = prepare_expert_task(cfg, out)
+    start_dir = resolve_model_dir(cfg.model, out)
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, reference_path=cfg.model.reference_path or start_dir)
+    )
+    prompts = _prompt_set(cfg, task)
+    records = _completed_rounds(out)
+    current = records[-1]["model"] if records else start_dir
+    with contextlib.ExitStack() as stack:  # closes whatever was started, in reverse, on any error
+        judge = build_judge(cfg.judge, task=task)
+        stack.callback(judge.close)
+        pool = RolloutPool.from_config(current, cfg.rollout)
+        stack.callback(pool.shutdown)
+        logger = MetricsLogger(
+            str(out), cfg.logging, config_to_dict(cfg), cfg.iterate.rounds, max(0, len(records) - 1), "rounds"
+        )
+        stack.callback(logger.close)
+        context = _Round(cfg, task, prompts, pool, judge)
+        if not records:  # round 0: the starting policy
+            records.append(context.evaluate(0, current, previous=None, reference=None))
+            _write_json(out / "rounds" / "round_0" / "round.json", records[0])
+            logger.log(0, _loggable(records[0]))
+        for number in range(len(records), cfg.iterate.rounds + 1):
+            record = context.run(number, current, kind, records[-1], records[0])
+            current = record["model"]
+            records.append(record)
+            logger.log(number, _loggable(record))
+    summary = {
+        "rounds": records,
+        "final_model": current,
+        "examples": kind,
+        "loss": cfg.loss.name,
+        "judge": cfg.judge.name,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+class _Round:
+    """What every round needs: config (model.reference_path = the starting policy), task, prompt set,
+    rollout pool and judge."""
+
+    def __init__(self, cfg: Config, task, prompts, pool, judge):
+        from spo_ray.data import Templater
+
+        self.cfg, self.task, self.prompts, self.pool, self.judge = cfg, task, prompts, pool, judge
+        tokenizer_dir = cfg.model.reference_path
+        self.templater = Templater.from_path(tokenizer_dir, cfg.data.max_length, cfg.data.max_prompt_length)
+        self.rounds_dir = Path(cfg.output.dir).resolve() / "rounds"
+        self.eval_prompts = prompts[: cfg.iterate.eval_prompts]
+
+    def run(self, number: int, current: str, kind: str, previous: dict, reference: dict) -> dict:
+        """Round `number`: candidates of π_{number-1} = `current` (which the pool serves), judge, build
+        examples, train, sync, evaluate."""
+        started = time.perf_counter()
+        folder = self.rounds_dir / f"round_{number}"
+        it = self.cfg.iterate
+        rng = random.Random(f"{it.seed}:round:{number}")
+        chosen = rng.sample(range(len(self.prompts)), min(it.prompts_per_round, len(self.prompts)))
+        candidates = _stage(
+            folder / "candidates.jsonl",
+            lambda: self._sample([self.prompts[i] for i in chosen], it.candidates_per_prompt, number),
+        )
+        examples_path = folder / "examples.jsonl"
+        judging = _stage_json(
+            folder / "judging.json", lambda: self._judge(candidates, kind, rng, examples_path)
+        )
+        train = self._train(folder, current, examples_path, judging)
+        self._serve(train["final_model"])
+        record = self.evaluate(number, train["final_model"], previous=previous, reference=reference)
+        record.update(
+            examples=judging["examples"],
+            skipped=judging["skipped"],
+            judge_failures=judging["failures"],
+            train_steps=train["steps"],
+            train_final_loss=train["final_metrics"].get("pref_loss"),
+            round_seconds=round(time.perf_counter() - started, 2),
+        )
+        _write_json(folder / "round.json", record)
+        return record
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _serve(self, model_dir: str) -> None:
+        """Make the rollout pool serve `model_dir` as version 0 (the next round's training starts there)."""
+        from spo_ray.models.loading import load_causal_lm
+        from spo_ray.rollout.weights import state_dict_for_sync
+
+        self.pool.sync_weights(state_dict_for_sync(load_causal_lm(model_dir)), 0)
+
+    def _sample(self, prompts: list, n: int, number: int) -> list[dict]:
+        """n samples per prompt from the served policy: text and sequence log-prob."""
+        it = self.cfg.iterate
+        groups = self.pool.generate(
+            self.templater.encode_prompts(prompts),
+            n=n,
+            max_tokens=it.max_tokens,
+            temperature=it.temperature,
+            top_p=1.0,
+            seed=it.seed * 100_003 + number,
+        )
+        return [
+            {
+                "prompt": prompt,
+                "responses": [s.text for s in group],
+                "logps": [sum(s.logprobs) for s in group],
+                "finish_reasons": [s.finish_reason for s in group],
+            }
+            for prompt, group in zip(prompts, groups)
+        ]
+
+    def _judge(self, candidates: list[dict], kind: str, rng: random.Random, path: Path) -> dict:
+        """Judge the candidates, build the round's rows into `path`; return the counts."""
+        judgements = self.judge.judge([JudgeRequest(c["prompt"], c["responses"]) for c in candidates])
+        judged = [JudgedPrompt(c["prompt"], c["responses"], j) for c, j in zip(candidates, judgements)]
+        rows, skipped = build_examples(judged, kind, self.cfg.iterate.labels, rng)
+        if not rows:
+            raise RuntimeError(
+                f"round {path.parent.name}: no training examples could be built from the judged candidates "
+                f"(skipped: {dict(skipped)}, judge failures: {total_failures(judgements)}); raise "
+                "iterate.candidates_per_prompt or iterate.temperature, or check the judge"
+            )
+        _write_jsonl(path, rows)
+        return {
+            "examples": len(rows),
+            "skipped": dict(skipped),
+            "failures": total_failures(judgements),
+            "mean_score": mean_score(judgements),
+        }
+
+    def _train(self, folder: Path, current: str, examples_path: Path, judging: dict) -> dict:
+        """k optimizer steps on the round's rows from `current` (resumes; skipped once final/ exists)."""
+        from spo_ray.train.runner import run_training
+
+        train_dir = folder / "train"
+        if (train_dir / "summary.json").exists() and (train_dir / "final" / "config.json").exists():
+            return json.loads((train_dir / "summary.json").read_text())
+        cfg = self.cfg
+        batch = cfg.train.batch_size * cfg.train.num_workers
+        if judging["examples"] < batch:
+            raise ConfigError(
+                "train.batch_size",
+                f"round {folder.name} built {judging['examples']} examples, fewer than one batch of {batch}; "
+                "lower train.batch_size or raise iterate.prompts_per_round / iterate.candidates_per_prompt",
+            )
+        round_cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, path=current),
+            data=dataclasses.replace(
+                cfg.data, train_files=[str(examples_path)], eval_files=[], eval_fraction=0.0, format="auto"
+            ),
+            train=dataclasses.replace(cfg.train, max_steps=cfg.iterate.steps_per_round),
+            task=TaskConfig(),
+            output=dataclasses.replace(cfg.output, dir=str(train_dir)),
+        )
+        return run_training(round_cfg, rollout_pool=self.pool if cfg.loss.beta > 0 else None)
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def evaluate(self, number: int, model_dir: str, previous: dict | None, reference: dict | None) -> dict:
+        """Samples of π_number on the eval prompts; judge win rates against the previous round's and the
+        starting policy's samples, mean judge score, entropy; exact metrics on the synthetic task."""
+        folder = self.rounds_dir / f"round_{number}"
+        samples = _stage(
+            folder / "eval_samples.jsonl",
+            lambda: self._sample(self.eval_prompts, self.cfg.iterate.eval_samples, 10_000 + number),
+        )
+        ours = [s["responses"] for s in samples]
+        record: dict = {"round": number, "model": model_dir}
+        failures: Counter[str] = Counter()
+        for name, other in (("previous", previous), ("reference", reference)):
+            if other is None:
+                continue
+            theirs = [s["responses"] for s in _read_jsonl(Path(other["eval_samples"]))]
+            result = head_to_head(self.judge, self.eval_prompts, ours, theirs)
+            record[f"win_rate_vs_{name}"] = result["win_rate"]
+            failures.update(result["failures"])
+        record["expected_reward"] = None  # a mean judge score: scoring judges only
+        if self.judge.output == "scores":
+            scored = self.judge.judge([JudgeRequest(p, r) for p, r in zip(self.eval_prompts, ours)])
+            record["expected_reward"] = mean_score(scored)
+            failures.update(total_failures(scored))
+        record["entropy"] = monte_carlo_entropy([lp for s in samples for lp in s["logps"]])
+        record["eval_judge_failures"] = dict(failures)
+        record["eval_samples"] = str(folder / "eval_samples.jsonl")
+        if self.task is not None:
+            record.update(self._exact(model_dir))
+        return record
+
+    def _exact(self, model_dir: str) -> dict:
+        """The synthetic task's exact metrics of π on S: expected reward, TV to softmax(r/α), entropy."""
+        from spo_ray.eval.expert import expert_metrics, model_distribution_on_s
+
+        metrics = expert_metrics(
+            model_distribution_on_s(model_dir, self.task), self.task, self.cfg.loss.alpha
+        )
+        keys = ("judge_expected_reward", "expected_reward", "tv_to_target", "entropy", "mass_on_s")
+        return {f"expert_{k}": metrics[k] for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _example_kind(cfg: Config) -> str:
+    """The rows a round builds: SPPO's own rows for loss sppo, else iterate.examples, checked against the loss."""
+    from spo_ray.losses import get_loss
+
+    loss_kind = get_loss(cfg.loss.name).kind
+    if loss_kind == "sppo":
+        return "sppo"
+    wanted = cfg.iterate.examples
+    if LOSS_KIND_OF_EXAMPLES[wanted] != loss_kind:
+        fitting = [k for k, v in LOSS_KIND_OF_EXAMPLES.items() if v == loss_kind]
+        raise ConfigError(
+            "iterate.examples",
+            f"'{wanted}' rows do not fit loss '{cfg.loss.name}' (it trains on {loss_kind} examples); "
+            f"set iterate.examples={fitting[0]} or pick a {LOSS_KIND_OF_EXAMPLES[wanted]} loss",
+        )
+    return wanted
+
+
+def _extra_cpus(cfg: Config) -> float:
+    """CPUs beyond the training run's own: the candidate pool when training runs offline, judge actors."""
+    rollout = 0.0 if cfg.loss.beta > 0 else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+    judge = (
+        0.0 if cfg.judge.name == "synthetic_expert" else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
+    )
+    return rollout + judge
+
+
+def _prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
+    """The rounds' prompts: iterate.prompts_file, else the task's prompts, else data.reg_prompts_file."""
+    from spo_ray.data import read_prompt_file
+
+    if cfg.iterate.prompts_file:
+        return read_prompt_file(cfg.iterate.prompts_file, "iterate.prompts_file")
+    if task is not None:
+        return [[{"role": "user", "content": prompt}] for prompt in task.prompts]
+    if cfg.data.reg_prompts_file:
+        return read_prompt_file(cfg.data.reg_prompts_file, "data.reg_prompts_file")
+    raise ConfigError(
+        "iterate.prompts_file", "iterative rounds need prompts: give a JSONL file with one 'prompt' per line"
+    )
+
+
+def _completed_rounds(out: Path) -> list[dict]:
+    """round.json of rounds 0, 1, ... up to the first one not finished."""
+    records = []
+    while (path := out / "rounds" / f"round_{len(records)}" / "round.json").exists():
+        records.append(json.loads(path.read_text()))
+    return records
+
+
+def _loggable(record: dict) -> dict:
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _stage(path: Path, produce: Callable[[], list[dict]]) -> list[dict]:
+    """The rows in `path`, produced and written atomically first if the file does not exist yet."""
+    if not path.exists():
+        _write_jsonl(path, produce())
+    return _read_jsonl(path)
+
+
+def _stage_json(path: Path, produce: Callable[[], dict]) -> dict:
+    if not path.exists():
+        _write_json(path, produce())
+    return json.loads(path.read_text())
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_json(path: Path, value: dict) -> None:
+    _atomic_write(path, json.dumps(value, indent=1))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
