@@ -231,6 +231,11 @@ class IterateConfig:
         "sampled",
         "'sampled': winners drawn from the judge's probabilities (Bradley-Terry/Plackett-Luce); 'argmax': judge's best",
     )
+    replay_rounds: int = option(
+        0,
+        "also train on the examples of up to this many earlier rounds (less label noise; not for sppo)",
+        ge=0,
+    )
     max_tokens: int = option(32, "max new tokens per candidate", ge=1)
     temperature: float = option(1.0, "sampling temperature of the candidates", gt=0)
     eval_prompts: int = option(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,11 @@ def test_cli_help_lists_every_subcommand_with_a_line_of_help():
     assert all(helps.values())
     shown = run_cli("--help")
     assert shown.returncode == 0 and "make-tiny-model" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_loads_and_validates(recipe):
+    cfg = load_config(recipe, check_files=False)
+    assert isinstance(cfg, Config) and cfg.output.dir

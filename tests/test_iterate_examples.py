@@ -137,3 +137,20 @@ def test_iterate_refuses_rows_that_do_not_fit_the_loss_before_starting_anything(
     err = capsys.readouterr().err
     assert "iterate.examples" in err and "set iterate.examples=pairs" in err
     assert list(tmp_path.iterdir()) == []  # nothing was written, no Ray runtime was started
+
+
+def test_sppo_refuses_replayed_rows_whose_win_probabilities_belong_to_an_earlier_policy(tmp_path, capsys):
+    from spo_ray.cli import main
+
+    code = main(
+        [
+            "iterate",
+            "--set",
+            "loss.name=sppo",
+            "--set",
+            "iterate.replay_rounds=1",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2 and "iterate.replay_rounds" in capsys.readouterr().err

@@ -117,12 +117,13 @@ class _Round:
         judging = _stage_json(
             folder / "judging.json", lambda: self._judge(candidates, kind, rng, examples_path)
         )
-        train = self._train(folder, current, examples_path, judging)
+        train = self._train(number, current, examples_path, judging)
         self._serve(train["final_model"])
         record = self.evaluate(number, train["final_model"], previous=previous, reference=reference)
         record.update(
             examples=judging["examples"],
             skipped=judging["skipped"],
+            truncated_candidates=judging["truncated_candidates"],
             judge_failures=judging["failures"],
             train_steps=train["steps"],
             train_final_loss=train["final_metrics"].get("pref_loss"),
@@ -174,19 +175,27 @@ class _Round:
         _write_jsonl(path, rows)
         return {
             "examples": len(rows),
+            # samples cut at iterate.max_tokens: trained on as if they had ended there (with eos)
+            "truncated_candidates": sum(c["finish_reasons"].count("length") for c in candidates),
             "skipped": dict(skipped),
             "failures": total_failures(judgements),
             "mean_score": mean_score(judgements),
         }
 
-    def _train(self, folder: Path, current: str, examples_path: Path, judging: dict) -> dict:
-        """k optimizer steps on the round's rows from `current` (resumes; skipped once final/ exists)."""
+    def _train(self, number: int, current: str, examples_path: Path, judging: dict) -> dict:
+        """k optimizer steps from `current` on the round's rows (and `replay_rounds` earlier rounds' rows);
+        resumes from its checkpoints, and is skipped once its final/ exists."""
         from spo_ray.train.runner import run_training
 
+        folder = self.rounds_dir / f"round_{number}"
         train_dir = folder / "train"
         if (train_dir / "summary.json").exists() and (train_dir / "final" / "config.json").exists():
             return json.loads((train_dir / "summary.json").read_text())
         cfg = self.cfg
+        replayed = [
+            self.rounds_dir / f"round_{earlier}" / "examples.jsonl"
+            for earlier in range(max(1, number - cfg.iterate.replay_rounds), number)
+        ]
         batch = cfg.train.batch_size * cfg.train.num_workers
         if judging["examples"] < batch:
             raise ConfigError(
@@ -198,7 +207,11 @@ class _Round:
             cfg,
             model=dataclasses.replace(cfg.model, path=current),
             data=dataclasses.replace(
-                cfg.data, train_files=[str(examples_path)], eval_files=[], eval_fraction=0.0, format="auto"
+                cfg.data,
+                train_files=[str(path) for path in [*replayed, examples_path]],
+                eval_files=[],
+                eval_fraction=0.0,
+                format="auto",
             ),
             train=dataclasses.replace(cfg.train, max_steps=cfg.iterate.steps_per_round),
             task=TaskConfig(),
@@ -258,6 +271,11 @@ def _example_kind(cfg: Config) -> str:
 
     loss_kind = get_loss(cfg.loss.name).kind
     if loss_kind == "sppo":
+        if cfg.iterate.replay_rounds:
+            raise ConfigError(
+                "iterate.replay_rounds",
+                "sppo rows hold win probabilities against the round's own policy π_t; set it to 0 for sppo",
+            )
         return "sppo"
     wanted = cfg.iterate.examples
     if LOSS_KIND_OF_EXAMPLES[wanted] != loss_kind:
