@@ -231,6 +231,12 @@ class IterateConfig:
         "sampled",
         "'sampled': winners drawn from the judge's probabilities (Bradley-Terry/Plackett-Luce); 'argmax': judge's best",
     )
+    lr_decay: float = option(
+        1.0,
+        "round t trains at train.lr * lr_decay^(t-1): annealing damps the round-to-round label noise",
+        gt=0,
+        le=1,
+    )
     replay_rounds: int = option(
         0,
         "also train on the examples of up to this many earlier rounds (less label noise; not for sppo)",

@@ -62,6 +62,7 @@ def test_iterative_spo_killed_mid_round_resumes_and_improves_round_over_round(ra
         "iterate.steps_per_round=16",
         "iterate.candidates_per_prompt=32",  # ~1,500 pairs a round: 16 x 32 pairs see each once at most
         "iterate.replay_rounds=1",  # round 2 trains on round 1's rows too
+        "iterate.lr_decay=0.8",
         "loss.name=spo",
         "loss.beta=0.1",
         "train.batch_size=32",
@@ -105,6 +106,8 @@ def test_iterative_spo_killed_mid_round_resumes_and_improves_round_over_round(ra
     assert rounds[2]["expert_tv_to_target"] < rounds[0]["expert_tv_to_target"] - 0.05
     assert rounds[2]["expert_mass_on_s"] > 0.7  # the global KL term keeps most of the policy on S
     assert rounds[2]["win_rate_vs_reference"] > 0.5
+    round_2_config = json.loads((out / "rounds" / "round_2" / "train" / "config.json").read_text())
+    assert round_2_config["train"]["lr"] == pytest.approx(1e-3 * 0.8) == rounds[2]["train_lr"]
     round_2_train = json.loads((out / "rounds" / "round_2" / "train" / "summary.json").read_text())
     assert round_2_train["data"]["num_train"] == rounds[1]["examples"] + rounds[2]["examples"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

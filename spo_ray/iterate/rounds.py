@@ -126,11 +126,16 @@ class _Round:
             truncated_candidates=judging["truncated_candidates"],
             judge_failures=judging["failures"],
             train_steps=train["steps"],
+            train_lr=self.round_lr(number),
             train_final_loss=train["final_metrics"].get("pref_loss"),
             round_seconds=round(time.perf_counter() - started, 2),
         )
         _write_json(folder / "round.json", record)
         return record
+
+    def round_lr(self, number: int) -> float:
+        """train.lr annealed by iterate.lr_decay per round after the first."""
+        return self.cfg.train.lr * self.cfg.iterate.lr_decay ** (number - 1)
 
     # -- stages -------------------------------------------------------------------------------------
     def _serve(self, model_dir: str) -> None:
@@ -213,7 +218,11 @@ class _Round:
                 eval_fraction=0.0,
                 format="auto",
             ),
-            train=dataclasses.replace(cfg.train, max_steps=cfg.iterate.steps_per_round),
+            train=dataclasses.replace(
+                cfg.train,
+                max_steps=cfg.iterate.steps_per_round,
+                lr=self.round_lr(number),
+            ),
             task=TaskConfig(),
             output=dataclasses.replace(cfg.output, dir=str(train_dir)),
         )
