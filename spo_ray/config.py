@@ -225,7 +225,8 @@ class IterateConfig:
     )
     steps_per_round: int = option(40, "optimizer steps trained on each round's examples", ge=1)
     examples: Literal["pairs", "best_of_n", "ranked"] = option(
-        "pairs", "examples built from judged candidates (loss sppo always uses its own per-sample rows)"
+        "pairs",
+        "examples built from judged candidates (loss sppo builds its own: K samples per prompt with win probabilities)",
     )
     labels: Literal["sampled", "argmax"] = option(
         "sampled",
