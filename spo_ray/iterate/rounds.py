@@ -252,6 +252,7 @@ class _Round:
             scored = self.judge.judge([JudgeRequest(p, r) for p, r in zip(self.eval_prompts, ours)])
             record["expected_reward"] = mean_score(scored)
             failures.update(total_failures(scored))
+        # −mean log π(y) over samples: the policy's entropy when iterate.temperature is 1 (the default)
         record["entropy"] = monte_carlo_entropy([lp for s in samples for lp in s["logps"]])
         record["eval_judge_failures"] = dict(failures)
         record["eval_samples"] = str(folder / "eval_samples.jsonl")
