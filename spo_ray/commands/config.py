@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spo_ray.config import dump_yaml, load_config
+from spo_ray.config import Config, dump_yaml, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. --set loss.alpha=0.5 (repeatable)",
     )
+
+
+def load_run_config(args: argparse.Namespace) -> Config:
+    """The config of a run command: --config, --set overrides, then --output-dir (as output.dir)."""
+    overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
+    return load_config(args.config, overrides)
 
 
 def show(args: argparse.Namespace) -> int:

@@ -125,19 +125,22 @@ class JudgeEvaluator:
         import ray
 
         from spo_ray.judges import build_judge
+        from spo_ray.train.runner import ensure_ray
 
         self.settings = cfg.iterate
         self.prompts = judge_prompts(cfg, task)
         self.started_ray = not ray.is_initialized()
         self.pool = self.judge = None
-        if self.started_ray:
-            ray.init(include_dashboard=False, log_to_driver=verbose, configure_logging=verbose)
+        if self.started_ray:  # a fresh local runtime, or RAY_ADDRESS's cluster; never a stray `ray start`
+            ensure_ray(cfg, log_to_driver=verbose)
         try:
             try:
                 self.judge = build_judge(cfg.judge, task=task)
-            except ValueError as exc:
-                hint = " (pass --task PATH/task.json)" if cfg.judge.name == "synthetic_expert" else ""
-                raise ConfigError("judge.name", f"{exc}{hint}") from None
+            except ConfigError as exc:  # the expert judge needs the task: say how this command gets it
+                if cfg.judge.name != "synthetic_expert":
+                    raise
+                exc.args = (f"{exc.args[0]} (pass --task PATH/task.json)",)
+                raise
             self.metric = "mean_score" if self.judge.output == "scores" else "win_rate"
             self.columns = ((self.metric, self.metric.replace("_", " ")), ("judged", "judged"))
             from spo_ray.rollout import RolloutPool

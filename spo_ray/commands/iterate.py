@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spo_ray.commands.config import add_config_arguments
-from spo_ray.config import load_config
+from spo_ray.commands.config import add_config_arguments, load_run_config
 
 
 def format_rounds(rounds: list[dict]) -> str:
@@ -35,8 +34,7 @@ def format_rounds(rounds: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from spo_ray.iterate import run_iterate
 
-    overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
-    summary = run_iterate(load_config(args.config, overrides))
+    summary = run_iterate(load_run_config(args))
     print(format_rounds(summary["rounds"]))
     print(f"final model: {summary['final_model']} ({summary['wall_seconds']:.1f}s)")
     return 0

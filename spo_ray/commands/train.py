@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from spo_ray.commands.config import add_config_arguments
-from spo_ray.config import load_config
+from spo_ray.commands.config import add_config_arguments, load_run_config
 
 
 def run(args: argparse.Namespace) -> int:
     from spo_ray.train.job import run_job
 
-    overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_config(args.config, overrides)
-    summary = run_job(cfg)
+    summary = run_job(load_run_config(args))
     print(
         json.dumps(
             {k: summary[k] for k in ("steps", "resumed_from_step", "wall_seconds", "pairs_per_second")},

@@ -136,6 +136,16 @@ def contiguous_chunks(num_items: int, num_parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
 
 
+def actor_options(cfg) -> dict[str, Any]:
+    """The Ray placement and timeout settings of a JudgeConfig, as keyword arguments of a judge class."""
+    return {
+        "num_actors": cfg.num_actors,
+        "num_cpus_per_actor": cfg.num_cpus_per_actor,
+        "num_gpus_per_actor": cfg.num_gpus_per_actor,
+        "timeout_s": cfg.timeout_s,
+    }
+
+
 def build_judge(cfg, *, task: Any = None) -> Judge:
     """The judge named by `cfg.name` (a JudgeConfig); `task` is the synthetic expert task when there is one."""
     if cfg.name not in JUDGES:

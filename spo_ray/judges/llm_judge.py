@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from spo_ray.errors import ConfigError, UserError
-from spo_ray.judges.base import Judge, Judgement, JudgeRequest
+from spo_ray.judges.base import Judge, Judgement, JudgeRequest, actor_options
 
 JUDGE_PROMPT = (
     "Which response answers the question better? Reply with one letter: A or B.\n\n"
@@ -155,12 +155,9 @@ class LLMJudge(Judge):
         """A judge from a JudgeConfig; 'smollm2' / .gguf models are converted under `work_dir` once."""
         return cls(
             resolve_judge_model(cfg.model_path, work_dir),
-            num_actors=cfg.num_actors,
-            num_cpus_per_actor=cfg.num_cpus_per_actor,
-            num_gpus_per_actor=cfg.num_gpus_per_actor,
             max_tokens=cfg.max_tokens,
             both_orders=cfg.both_orders,
-            timeout_s=cfg.timeout_s,
+            **actor_options(cfg),
         )
 
     def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:

@@ -23,7 +23,7 @@ from ray import cloudpickle
 from ray.exceptions import RayError
 
 from spo_ray.errors import ConfigError, UserError
-from spo_ray.judges.base import Judge, Judgement, JudgeRequest, contiguous_chunks
+from spo_ray.judges.base import Judge, Judgement, JudgeRequest, actor_options, contiguous_chunks
 
 # What a task returns per request: (scores, failure reason, message); scores None on failure.
 RequestResult = tuple["list[float] | None", "str | None", "str | None"]
@@ -190,13 +190,7 @@ class PythonJudge(Judge):
     @classmethod
     def from_config(cls, cfg, *, task: Any = None) -> PythonJudge:
         """A judge from a JudgeConfig (`task` is unused)."""
-        return cls(
-            cfg.callable,
-            num_actors=cfg.num_actors,
-            num_cpus_per_actor=cfg.num_cpus_per_actor,
-            num_gpus_per_actor=cfg.num_gpus_per_actor,
-            timeout_s=cfg.timeout_s,
-        )
+        return cls(cfg.callable, **actor_options(cfg))
 
     def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """One Judgement per request, in order; failures counted by reason, their scores None."""

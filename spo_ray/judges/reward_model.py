@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from spo_ray.errors import ConfigError, UserError
-from spo_ray.judges.base import Judge, Judgement, JudgeRequest, contiguous_chunks
+from spo_ray.judges.base import Judge, Judgement, JudgeRequest, actor_options, contiguous_chunks
 
 _PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -205,15 +205,7 @@ class RewardModelJudge(Judge):
     @classmethod
     def from_config(cls, cfg, *, task: Any = None) -> RewardModelJudge:
         """A judge from a JudgeConfig (`task` is unused)."""
-        return cls(
-            cfg.model_path,
-            num_actors=cfg.num_actors,
-            num_cpus_per_actor=cfg.num_cpus_per_actor,
-            num_gpus_per_actor=cfg.num_gpus_per_actor,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            timeout_s=cfg.timeout_s,
-        )
+        return cls(cfg.model_path, batch_size=cfg.batch_size, max_length=cfg.max_length, **actor_options(cfg))
 
     def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """Requests split into contiguous chunks, one per actor; results in request order."""

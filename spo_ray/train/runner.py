@@ -40,7 +40,7 @@ def local_cpus_needed(cfg: Config) -> int:
     return math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + rollout) + DATA_CPUS
 
 
-def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
+def ensure_ray(cfg: Config, extra_cpus: float = 0.0, log_to_driver: bool = True) -> None:
     """Join the cluster of `ray job submit` / RAY_ADDRESS, or start a local runtime sized for this run
     (plus `extra_cpus` for actors beyond the training run's, e.g. judges).
 
@@ -51,7 +51,7 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
     else:
         # address="local": always a fresh runtime; plain ray.init() would attach to any `ray start` on the machine
         ray.init(
@@ -59,6 +59,7 @@ def ensure_ray(cfg: Config, extra_cpus: float = 0.0) -> None:
             num_cpus=max(os.cpu_count() or 1, math.ceil(local_cpus_needed(cfg) + extra_cpus)),
             include_dashboard=False,
             configure_logging=False,
+            log_to_driver=log_to_driver,
         )
 
 
