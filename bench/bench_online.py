@@ -3,7 +3,7 @@
 Run: `.venv/bin/python bench/bench_online.py [--only ray,online] [--steps 40]`.
 
 - `ray`: `run_training` (what `spo-ray train` calls) on the tiny model with the same conversational pairs,
-  batch and max_length as bench_train.py's tiny row, offline (`loss.beta=0`): SPO and DPO with 1 worker,
+  batch and max_length as bench_train.py's tiny row, offline (`loss.kl_coef=0`): SPO and DPO with 1 worker,
   SPO with 2 workers (DDP over gloo). The in-process step of bench_train.py minus this is Ray's overhead.
 - `online`: the synthetic expert task (configs/tiny_cpu.yaml): SPO offline vs SPO online with the global
   KL on samples from a vLLM rollout actor (synced every step), with and without generation overlap.
@@ -96,8 +96,8 @@ def ray_runs(steps: int, out_dir: Path, cpus_per_worker: int) -> dict:
             f"data.max_length={settings['max_length']}",
             f"data.max_prompt_length={settings['max_length'] // 2}",
             f"loss.name={loss}",
-            "loss.beta=0",
-            f"loss.ref_beta={0.1}",
+            "loss.kl_coef=0",
+            f"loss.beta={0.1}",
             f"train.num_workers={workers}",
             f"train.cpus_per_worker={cpus}",
             f"train.batch_size={batch}",
@@ -137,7 +137,7 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
     ensure_ray(local_cpus_needed(base))
     results = {}
     variants = (
-        ("offline", ["loss.beta=0"]),
+        ("offline", ["loss.kl_coef=0"]),
         ("online_overlap", ["rollout.overlap=true"]),
         ("online_no_overlap", ["rollout.overlap=false"]),
     )
@@ -155,7 +155,7 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
         run_training(cfg)
         profile = step_profile(out_dir / name, cfg.train.batch_size * cfg.train.num_workers)
         profile.update(
-            wall_seconds=time.perf_counter() - started, kl_beta=cfg.loss.beta, rollout=cfg.rollout.backend
+            wall_seconds=time.perf_counter() - started, kl_coef=cfg.loss.kl_coef, rollout=cfg.rollout.backend
         )
         results[name] = profile
         print(name, json.dumps({k: v for k, v in profile.items() if k != "step_seconds_all"}), flush=True)
@@ -166,7 +166,7 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
         "config": str(CONFIG.relative_to(REPO)),
         "batch_size": base.train.batch_size,
         "steps": steps,
-        "kl_beta": base.loss.beta,
+        "kl_coef": base.loss.kl_coef,
         "prompts_per_step": base.rollout.prompts_per_step,
         "samples_per_prompt": base.rollout.samples_per_prompt,
         "max_tokens": base.rollout.max_tokens,

@@ -3,7 +3,7 @@
 Run: `.venv/bin/python bench/bench_quality.py [--steps N] [--only spo_a1,dpo_b0.1]`.
 Every method trains the same tiny reference (fitted once to the task's non-uniform q), on the same
 Bradley-Terry pairs, with the same steps, batch and learning rate (those of configs/tiny_cpu.yaml unless
-overridden), offline (`loss.beta=0`); one extra row runs SPO α=1 online with the config's global KL.
+overridden), offline (`loss.kl_coef=0`); one extra row runs SPO α=1 online with the config's global KL.
 Each trained policy is evaluated exactly on S(x) (teacher forcing): TV to softmax(r/α), entropy, mass
 on S, expected expert reward, KL to the reference on S, and TV to DPO's own optimum π_ref·exp(r/β).
 """
@@ -26,16 +26,16 @@ from common import BENCH_DIR, OUT, REPO, write_json  # noqa: E402
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
 # name -> (label, overrides). Offline unless the name ends in "_online". β of the DPO family is
-# loss.ref_beta; SimPO's scale is β=2 with margin γ=0.5 (its paper's range); rDPO assumes 10% flips.
+# loss.beta; SimPO's scale is β=2 with margin γ=0.5 (its paper's range); rDPO assumes 10% flips.
 METHODS: dict[str, tuple[str, list[str]]] = {
     "spo_a0.5": ("SPO α=0.5", ["loss.name=spo", "loss.alpha=0.5"]),
     "spo_a1": ("SPO α=1", ["loss.name=spo", "loss.alpha=1.0"]),
     "spo_a2": ("SPO α=2", ["loss.name=spo", "loss.alpha=2.0"]),
-    "dpo_b0.1": ("DPO β=0.1", ["loss.name=dpo", "loss.ref_beta=0.1"]),
-    "dpo_b1": ("DPO β=1", ["loss.name=dpo", "loss.ref_beta=1.0"]),
-    "ipo_b0.1": ("IPO β=0.1", ["loss.name=ipo", "loss.ref_beta=0.1"]),
-    "simpo": ("SimPO β=2 γ=0.5", ["loss.name=simpo", "loss.ref_beta=2.0", "loss.gamma=0.5"]),
-    "rdpo_b0.1": ("rDPO β=0.1 ε=0.1", ["loss.name=rdpo", "loss.ref_beta=0.1", "loss.epsilon=0.1"]),
+    "dpo_b0.1": ("DPO β=0.1", ["loss.name=dpo", "loss.beta=0.1"]),
+    "dpo_b1": ("DPO β=1", ["loss.name=dpo", "loss.beta=1.0"]),
+    "ipo_b0.1": ("IPO β=0.1", ["loss.name=ipo", "loss.beta=0.1"]),
+    "simpo": ("SimPO β=2 γ=0.5", ["loss.name=simpo", "loss.beta=2.0", "loss.gamma=0.5"]),
+    "rdpo_b0.1": ("rDPO β=0.1 ε=0.1", ["loss.name=rdpo", "loss.beta=0.1", "loss.epsilon=0.1"]),
     "spo_a1_online": ("SPO α=1 online", ["loss.name=spo", "loss.alpha=1.0"]),
 }
 
@@ -95,7 +95,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             "max_steps": base.train.max_steps,
             "batch_size": base.train.batch_size,
             "lr": base.train.lr,
-            "online_kl_beta": base.loss.beta,
+            "online_kl_coef": base.loss.kl_coef,
             "extra_overrides": extra,
         },
         "reference": expert_metrics(reference, task, 1.0, reference=reference),
@@ -114,7 +114,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         online = name.endswith("_online")
         run_overrides = common + overrides + [f"output.dir={out_dir / name}"]
         if not online:
-            run_overrides.append("loss.beta=0")
+            run_overrides.append("loss.kl_coef=0")
         cfg = load_config(CONFIG, run_overrides)
         shutil.rmtree(
             out_dir / name, ignore_errors=True
@@ -123,7 +123,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         summary = run_expert_job(cfg, task_root=task_root)
         wall = time.perf_counter() - started
         alpha = method_alpha(overrides)
-        metrics = evaluate(summary["final_model"], task, alpha, cfg.loss.ref_beta, reference)
+        metrics = evaluate(summary["final_model"], task, alpha, cfg.loss.beta, reference)
         steps = read_metrics(out_dir / name)
         step_seconds = sorted(m["step_seconds"] for m in steps[5:] if "step_seconds" in m)
         result["rows"][name] = {
@@ -131,8 +131,8 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             "loss": cfg.loss.name,
             "alpha_target": alpha,
             "online": online,
-            "kl_beta": cfg.loss.beta,
-            "ref_beta": cfg.loss.ref_beta,
+            "kl_coef": cfg.loss.kl_coef,
+            "beta": cfg.loss.beta,
             "tv_to_target": metrics["tv_to_target"],
             "tv_to_dpo_optimum": metrics["tv_to_dpo_optimum"],
             "entropy": metrics["entropy"],

@@ -38,7 +38,7 @@ from spo_ray.data import collate_preference_batch  # noqa: E402
 from spo_ray.losses import LossParams, get_loss  # noqa: E402
 from spo_ray.train.step import StepContext, compute_step  # noqa: E402
 
-BETA = 0.1  # the DPO β (TRL `beta`, spo_ray `loss.ref_beta`)
+BETA = 0.1  # the DPO β (TRL `beta`, spo_ray `loss.beta`)
 LORA = {
     "r": 8,
     "alpha": 16,
@@ -214,7 +214,7 @@ class SpoRaySetup:
             reference_mode=reference_mode,
             spec=spec,
             params=LossParams(alpha=1.0, beta=BETA),
-            kl_beta=0.0,
+            kl_coef=0.0,
             kl_estimator="token",
             importance_clip=0.0,
         )
@@ -297,7 +297,7 @@ def dpo_parity(
         reference_mode=None,
         spec=get_loss("dpo"),
         params=LossParams(beta=BETA),
-        kl_beta=0.0,
+        kl_coef=0.0,
         kl_estimator="token",
         importance_clip=0.0,
     )

@@ -374,7 +374,7 @@ def online_section(online: dict) -> list[str]:
         "## 2. Online overhead",
         "",
         f"Synthetic expert task (`{s['config']}`), tiny model, batch {s['batch_size']} pairs, {s['steps']} steps per "
-        f"run; online: global KL (β={s['kl_beta']}) on {s['prompts_per_step']}×{s['samples_per_prompt']} samples of "
+        f"run; online: global KL (c_KL={s['kl_coef']}) on {s['prompts_per_step']}×{s['samples_per_prompt']} samples of "
         f"≤{s['max_tokens']} tokens per step from one {s['backend']} rollout actor, weights synced every "
         f"{s['sync_every']} step. Medians over the steady steps of each run.",
         "",
@@ -440,8 +440,8 @@ def quality_section(quality: dict) -> list[str]:
         "",
         f"`{quality['config']}`: tiny model fitted to a non-uniform reference q, {s['num_pairs']} Bradley–Terry pairs, "
         f"{s['max_steps']} steps × batch {s['batch_size']}, lr {s['lr']}, every method on the same data and budget, "
-        "offline (`loss.beta=0`) except the last row (global KL β="
-        f"{s['online_kl_beta']} on vLLM samples). Exact evaluation on S(x) by teacher forcing. Target: "
+        "offline (`loss.kl_coef=0`) except the last row (global KL c_KL="
+        f"{s['online_kl_coef']} on vLLM samples). Exact evaluation on S(x) by teacher forcing. Target: "
         "softmax(r/α) with the method's α (SPO), α=1 for the others (the Bradley–Terry scale of the data). "
         f"The data's own floor (TV of its Bradley–Terry MLE's softmax to the target): α=0.5 {fmt(floor.get('0.5'))}, "
         f"α=1 {fmt(floor.get('1.0'))}, α=2 {fmt(floor.get('2.0'))}.",

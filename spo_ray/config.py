@@ -162,13 +162,18 @@ class LossConfig:
         1.0, "SPO softmax exponent; SPO converges to softmax(r/alpha) on compared responses", gt=0
     )
     beta: float = option(
-        0.1, "weight of the global KL regularizer on online samples (SPEC §2.2); 0 runs offline", ge=0
+        0.1,
+        "DPO-family beta, as in TRL: the temperature of dpo, ipo, cdpo, rdpo and tdpo, and SimPO's reward scale",
+        gt=0,
+    )
+    kl_coef: float = option(
+        0.1,
+        "weight c_KL of the global KL regularizer on the model's own online samples (SPEC §2.2); > 0 starts a "
+        "rollout pool (vLLM engines) for those samples, 0 trains offline and starts no pool",
+        ge=0,
     )
     kl_estimator: Literal["token", "token_unbiased", "sequence"] = option(
         "token", "estimator of the global KL gradient"
-    )
-    ref_beta: float = option(
-        0.1, "beta of the reference-based losses (dpo, ipo, cdpo, rdpo, tdpo) and simpo", gt=0
     )
     epsilon: float = option(0.0, "label-smoothing (cdpo) or flip rate (rdpo)", ge=0, lt=0.5)
     gamma: float = option(0.5, "SimPO target margin", ge=0)
@@ -335,6 +340,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")
 
 
+# Keys that were renamed: the old key fails with a message naming its replacement.
+RENAMED_KEYS = {
+    "loss.ref_beta": "renamed: DPO's beta is now loss.beta (as in TRL); the global KL weight is loss.kl_coef",
+}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
@@ -345,6 +356,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
+        if key in RENAMED_KEYS:
+            raise ConfigError(key, RENAMED_KEYS[key])
         if name not in names:
             raise ConfigError(
                 key, f"unknown key{_did_you_mean(str(name), names)}; known keys here: {', '.join(names)}"
@@ -420,7 +433,7 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             f"{cfg.rollout.transport} needs GPU rollout actors (rollout.num_gpus_per_actor > 0)",
         )
     needed_lag = cfg.rollout.sync_every - 1 + int(cfg.rollout.overlap)
-    if cfg.loss.beta > 0 and cfg.rollout.max_policy_lag < needed_lag:
+    if cfg.loss.kl_coef > 0 and cfg.rollout.max_policy_lag < needed_lag:
         raise ConfigError(
             "rollout.max_policy_lag",
             f"{cfg.rollout.max_policy_lag} is below the lag that sync_every={cfg.rollout.sync_every} and "

@@ -125,7 +125,7 @@ def test_killed_train_worker_restarts_from_latest_checkpoint_and_finishes(ray_ru
     killed: list[int] = []
     killer = threading.Thread(target=_kill_train_worker_after, args=(out, 4, killed), daemon=True)
     killer.start()
-    summary = run_job(small_config(out, "train.max_steps=8", "loss.beta=0", "train.max_failures=2"))
+    summary = run_job(small_config(out, "train.max_steps=8", "loss.kl_coef=0", "train.max_failures=2"))
     killer.join(timeout=5)
     assert killed, "no Ray Train worker process was found to kill"
     assert summary["steps"] == 8

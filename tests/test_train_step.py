@@ -52,14 +52,14 @@ def brute_force_logp(model, prompt_ids, response_ids) -> torch.Tensor:
     return sum(logprobs[t - 1, ids[0, t]] for t in range(start, ids.shape[1]))
 
 
-def context(policy, reference, loss_name, kl_beta=0.0, estimator="token"):
+def context(policy, reference, loss_name, kl_coef=0.0, estimator="token"):
     return StepContext(
         policy=policy,
         reference=reference,
         reference_mode=None,
         spec=get_loss(loss_name),
         params=LossParams(alpha=0.7, beta=0.3),
-        kl_beta=kl_beta,
+        kl_coef=kl_coef,
         kl_estimator=estimator,
         importance_clip=0.0,
     )
@@ -97,7 +97,7 @@ def test_dpo_step_uses_reference_log_probs(models):
     assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-9)
 
 
-def test_kl_term_adds_beta_times_exact_token_kl_along_online_samples(models):
+def test_kl_term_adds_kl_coef_times_exact_token_kl_along_online_samples(models):
     policy, reference, tokenizer = models
     rows = make_rows(tokenizer, PROMPTS, RESPONSES)
     batch = collate_preference_batch(rows, tokenizer.pad_token_id)
@@ -112,7 +112,7 @@ def test_kl_term_adds_beta_times_exact_token_kl_along_online_samples(models):
     ]
     sample_batch = SampleBatch.from_samples(samples, tokenizer.pad_token_id, torch.device("cpu"))
     without = compute_step(context(policy, reference, "spo"), batch, None)
-    with_kl = compute_step(context(policy, reference, "spo", kl_beta=0.5), batch, sample_batch)
+    with_kl = compute_step(context(policy, reference, "spo", kl_coef=0.5), batch, sample_batch)
     exact = []
     for s in samples:
         ids = torch.tensor([list(s.prompt_token_ids) + list(s.token_ids)])

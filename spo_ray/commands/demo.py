@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     runs = {"spo": cfg}
     if args.compare_dpo:
         # Same data, reference and budget; DPO has no global regularizer, so it runs offline.
-        runs["dpo"] = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, name="dpo", beta=0.0))
+        runs["dpo"] = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, name="dpo", kl_coef=0.0))
     summaries = {}
     for name, run_cfg in runs.items():
         run_cfg = dataclasses.replace(

@@ -226,7 +226,7 @@ class _Round:
             task=TaskConfig(),
             output=dataclasses.replace(cfg.output, dir=str(train_dir)),
         )
-        return run_training(round_cfg, rollout_pool=self.pool if cfg.loss.beta > 0 else None)
+        return run_training(round_cfg, rollout_pool=self.pool if cfg.loss.kl_coef > 0 else None)
 
     # -- metrics ------------------------------------------------------------------------------------
     def evaluate(self, number: int, model_dir: str, previous: dict | None, reference: dict | None) -> dict:
@@ -300,7 +300,7 @@ def _example_kind(cfg: Config) -> str:
 
 def _extra_cpus(cfg: Config) -> float:
     """CPUs beyond the training run's own: the candidate pool when training runs offline, judge actors."""
-    rollout = 0.0 if cfg.loss.beta > 0 else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+    rollout = 0.0 if cfg.loss.kl_coef > 0 else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
     judge = (
         0.0 if cfg.judge.name == "synthetic_expert" else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
     )

@@ -60,7 +60,7 @@ def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
     out = Path(cfg.output.dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg, task = prepare_expert_task(cfg, task_root or out)
-    alpha, beta = cfg.loss.alpha, cfg.loss.ref_beta
+    alpha, beta = cfg.loss.alpha, cfg.loss.beta
     reference = model_distribution_on_s(cfg.model.path, task)  # [P, K]: the starting policy is the reference
     before = expert_metrics(reference, task, alpha, beta=beta, reference=reference)
     summary = run_training(cfg)

@@ -50,7 +50,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     spec = get_loss(cfg.loss.name)
     # the reference is read by the online KL, and by reference-based losses unless precomputed
-    needs_reference = cfg.loss.beta > 0 or (spec.needs_reference and not loop_config["ref_logps_precomputed"])
+    needs_reference = cfg.loss.kl_coef > 0 or (spec.needs_reference and not loop_config["ref_logps_precomputed"])
     policy, reference, reference_mode = load_policy_and_reference(
         cfg.model, loop_config["model_dir"], loop_config["reference_dir"], need_reference=needs_reference
     )
@@ -73,18 +73,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         spec=spec,
         params=LossParams(
             alpha=cfg.loss.alpha,
-            beta=cfg.loss.ref_beta,
+            beta=cfg.loss.beta,
             epsilon=cfg.loss.epsilon,
             gamma=cfg.loss.gamma,
             eta=cfg.loss.eta,
         ),
-        kl_beta=cfg.loss.beta,
+        kl_coef=cfg.loss.kl_coef,
         kl_estimator=cfg.loss.kl_estimator,
         importance_clip=cfg.rollout.importance_clip,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None,
     )
     online = None
-    if cfg.loss.beta > 0 and loop_config.get("rollout_pool") is not None:
+    if cfg.loss.kl_coef > 0 and loop_config.get("rollout_pool") is not None:
         online = OnlineSampler(
             loop_config["rollout_pool"],
             loop_config["reg_prompts"],

@@ -36,7 +36,7 @@ DATA_CPUS = 2  # logical CPUs left for Ray Data's read/tokenize/sort tasks in a 
 
 def local_cpus_needed(cfg: Config) -> int:
     """Logical CPUs a local runtime needs so trainers, rollout actors and Ray Data never starve each other."""
-    rollout = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor if cfg.loss.beta > 0 else 0
+    rollout = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor if cfg.loss.kl_coef > 0 else 0
     return math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + rollout) + DATA_CPUS
 
 
@@ -127,7 +127,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     )
 
     pool, reg_prompts = None, None
-    if cfg.loss.beta > 0:
+    if cfg.loss.kl_coef > 0:
         from spo_ray.rollout import RolloutPool
 
         reg_prompts = load_reg_prompts(cfg.data, model_dir)

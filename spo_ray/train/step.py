@@ -77,7 +77,7 @@ class StepContext:
     reference_mode: Callable[[], AbstractContextManager] | None
     spec: LossSpec
     params: LossParams
-    kl_beta: float
+    kl_coef: float
     kl_estimator: str
     importance_clip: float
     autocast: AbstractContextManager | None = None
@@ -327,7 +327,7 @@ def kl_regularizer_output(ctx: StepContext, samples: SampleBatch):
 
 
 def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch | None) -> StepOutput:
-    """Loss = mean preference loss + β · mean KL surrogate on the online samples (SPEC.md §2)."""
+    """Loss = mean preference loss + c_KL · mean KL surrogate on the online samples (SPEC.md §2)."""
     with ctx.autocast or nullcontext():
         terms = preference_terms(ctx, batch)
         pref_loss = ctx.spec.compute(terms, ctx.params).mean()
@@ -335,9 +335,9 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
         metrics = {"pref_loss": pref_loss.item()}
         metrics.update({k: v.item() for k, v in preference_metrics(terms).items()})
         num_tokens = int(batch.response_lengths.sum() + batch.prompt_lengths.sum())
-        if samples is not None and ctx.kl_beta > 0:
+        if samples is not None and ctx.kl_coef > 0:
             kl, sample_logps = kl_regularizer_output(ctx, samples)
-            loss = loss + ctx.kl_beta * kl.loss.mean()
+            loss = loss + ctx.kl_coef * kl.loss.mean()
             gap = kl.behavior_logp_gap
             metrics.update(
                 kl_k1=kl.kl_k1.mean().item(),
