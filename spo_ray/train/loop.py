@@ -50,7 +50,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     spec = get_loss(cfg.loss.name)
     # the reference is read by the online KL, and by reference-based losses unless precomputed
-    needs_reference = cfg.loss.kl_coef > 0 or (spec.needs_reference and not loop_config["ref_logps_precomputed"])
+    needs_reference = cfg.loss.kl_coef > 0 or (
+        spec.needs_reference and not loop_config["ref_logps_precomputed"]
+    )
     policy, reference, reference_mode = load_policy_and_reference(
         cfg.model, loop_config["model_dir"], loop_config["reference_dir"], need_reference=needs_reference
     )
