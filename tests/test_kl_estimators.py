@@ -215,7 +215,7 @@ def test_importance_weighted_expectation_under_a_lagged_policy_equals_the_on_pol
     assert _relative_error(uncorrected, on_policy) > 0.01  # the lag matters, so the check has teeth
 
 
-def test_truncated_weight_is_the_product_of_per_token_ratios_capped_at_c():
+def test_truncated_weight_is_the_whole_product_of_ratios_capped_at_c():
     _, policy, ref, old = _models()
     logits = policy.logits().detach()
     behavior = token_logps(old.logits(), SAMPLE_TOKENS)
@@ -223,17 +223,40 @@ def test_truncated_weight_is_the_product_of_per_token_ratios_capped_at_c():
         "token", logits, ref.logits(), SAMPLE_TOKENS, MASK, behavior_logps=behavior, is_clip=1.2
     )
     ratios = (token_logps(logits, SAMPLE_TOKENS) - behavior).exp()  # [27, PROMPT + LENGTH]
-    expected = [math.prod(min(1.2, float(r)) for r in row[PROMPT:]) for row in ratios]
+    expected = [min(1.2, math.prod(float(r) for r in row[PROMPT:])) for row in ratios]
     assert out.importance_weight.tolist() == pytest.approx(expected, rel=1e-12)
-    assert float(out.importance_weight.max()) <= 1.2**LENGTH + 1e-12
-    assert float(out.importance_weight.max()) > 1.0  # some ratios exceed 1 ...
-    assert any(float(r) > 1.2 for r in ratios[:, PROMPT:].flatten())  # ... and some are capped
-    # Position t's exact KL is weighted by the capped ratios of the tokens before it (not its own token,
-    # whose distribution the exact KL already sums over).
+    assert float(out.importance_weight.max()) == pytest.approx(1.2)  # some products are truncated ...
+    assert float(out.importance_weight.min()) < 1.0  # ... and some are below 1, kept exactly
+    # Position t's exact KL is weighted by the truncated product of the ratios of the tokens before it (not
+    # its own token, whose distribution the exact KL already sums over).
     kl_t = kl_per_position(logits, ref.logits())[:, PROMPT:]
-    capped = ratios[:, PROMPT:].clamp(max=1.2)
-    prefix_weight = torch.cat([torch.ones(len(RESPONSES), 1), capped[:, :-1].cumprod(-1)], dim=1)
+    products = ratios[:, PROMPT:].cumprod(-1)
+    prefix_weight = torch.cat([torch.ones(len(RESPONSES), 1), products[:, :-1]], dim=1).clamp(max=1.2)
     assert torch.allclose(out.loss, (prefix_weight * kl_t).sum(-1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["token", "token_unbiased", "sequence"])
+def test_importance_weights_stay_bounded_by_c_on_long_far_off_samples(estimator):
+    """T = 512, c = 2, behaviour logprobs far below the policy's: per-token capping would reach 2^512."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length, vocab = 3, 512, 11
+    policy_logits = torch.randn(batch, length, vocab, generator=gen).requires_grad_()  # float32
+    ref_logits = torch.randn(batch, length, vocab, generator=gen)
+    tokens = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[2, 300:] = False  # a shorter sample
+    behavior = torch.full((batch, length), -30.0)  # π_θ/π_old ≈ e^28 at every token
+    out = kl_regularizer(
+        estimator, policy_logits, ref_logits, tokens, mask, behavior_logps=behavior, is_clip=2.0
+    )
+    assert torch.isfinite(out.loss).all() and torch.isfinite(out.importance_weight).all()
+    assert float(out.importance_weight.max()) <= 2.0 + 1e-6
+    (grad,) = torch.autograd.grad(out.loss.sum(), policy_logits)
+    assert torch.isfinite(grad).all()
+    # Every position's weight is at most c too: the loss is at most c times the unweighted one.
+    plain = kl_regularizer(estimator, policy_logits.detach(), ref_logits, tokens, mask)
+    if estimator != "sequence":  # the token surrogates have nonnegative terms
+        assert bool((out.loss <= 2.0 * plain.loss + 1e-3).all())
 
 
 def test_logged_k1_and_k3_are_unbiased_estimates_of_the_sequence_kl():

@@ -91,22 +91,39 @@ def test_spo_ranked_loss_is_the_plackett_luce_negative_log_likelihood_over_alpha
     _grad_check(lambda lp: spo_ranked_loss(lp, ranking, alpha), logps)
 
 
-def test_spo_ranked_loss_ignores_minus_one_padding_and_unranked_columns():
-    logps = -_randn(3, 5).abs() * 2
+def test_partial_ranking_is_top_k_plackett_luce_over_all_n_responses():
+    """Enumerable check: P(the ranking starts with τ_1..τ_k) = Σ of the full Plackett–Luce probabilities
+    of every ranking that starts that way, so unranked responses stay in every denominator."""
+    import itertools
+
+    alpha, n = 1.5, 5
+    logps = -_randn(3, n).abs() * 2
     ranking = torch.tensor([[3, 1, 4, 0, 2], [2, 0, -1, -1, -1], [4, -1, -1, -1, -1]])
-    loss = spo_ranked_loss(logps, ranking, 1.5)
-    expected = [
-        _plackett_luce_nll(row, [i for i in order if i >= 0], 1.5)
-        for row, order in zip(logps.tolist(), ranking.tolist())
-    ]
-    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
-    assert loss[2].item() == 0.0  # a single ranked response carries no preference
-    # Padding must not leak NaN into the gradient, and unranked columns get none.
-    grad = torch.autograd.functional.jacobian(lambda lp: spo_ranked_loss(lp, ranking, 1.5).sum(), logps)
+    loss = spo_ranked_loss(logps, ranking, alpha)
+    for row, (lp, prefix) in enumerate(zip(logps.tolist(), ranking.tolist())):
+        prefix = [i for i in prefix if i >= 0]
+        rest = [i for i in range(n) if i not in prefix]
+        # α·loss = −log P, so P(prefix) = Σ over completions of exp(−α·NLL(full ranking))
+        marginal = sum(
+            math.exp(-alpha * _plackett_luce_nll(lp, prefix + list(tail), alpha))
+            for tail in itertools.permutations(rest)
+        )
+        assert loss[row].item() == pytest.approx(-math.log(marginal) / alpha, rel=1e-12)
+    # A best-of-n row ([best, -1, ...]) is the best-of-n loss, not zero.
+    assert loss[2].item() == pytest.approx(
+        spo_best_of_n_loss(logps[2:], ranking[2:, 0], alpha).item(), rel=1e-12
+    )
+    assert loss[2].item() > 0.1
+    # Unranked responses get a gradient (they compete for every ranked slot) and nothing is NaN.
+    grad = torch.autograd.functional.jacobian(lambda lp: spo_ranked_loss(lp, ranking, alpha).sum(), logps)
     assert torch.isfinite(grad).all()
-    assert grad[1, [1, 3, 4]].abs().max() == 0.0 and grad[2, :4].abs().max() == 0.0
-    assert grad[2, 4].abs() < 1e-12  # d/dlp of log(e^lp / e^lp), zero up to rounding
-    _grad_check(lambda lp: spo_ranked_loss(lp, ranking, 1.5), logps)
+    assert bool((grad[1, [1, 3, 4]] > 0).all()) and bool((grad[2, :4] > 0).all())
+    _grad_check(lambda lp: spo_ranked_loss(lp, ranking, alpha), logps)
+
+
+def test_ranking_with_padding_before_a_ranked_column_is_refused():
+    with pytest.raises(ValueError, match="padding must come after"):
+        spo_ranked_loss(torch.zeros(1, 4), torch.tensor([[2, -1, 0, -1]]), 1.0)
 
 
 def test_spo_losses_agree_on_two_responses():
@@ -142,6 +159,21 @@ def test_ipo_loss_is_squared_distance_of_h_to_one_over_two_beta():
     expected = [(_h(*row) - 1 / (2 * 0.25)) ** 2 for row in zip(*(t.tolist() for t in terms))]
     assert loss.tolist() == pytest.approx(expected, rel=1e-12)
     _grad_check(lambda *t: ipo_loss(*t, 0.25), *terms)
+
+
+def test_length_normalized_ipo_divides_each_log_ratio_by_its_token_count_as_trl_does():
+    pc, pr, rc, rr = _pairs()
+    chosen_len = torch.tensor([3, 10, 1, 7, 300, 2])
+    rejected_len = torch.tensor([5, 1, 4, 7, 20, 9])
+    loss = ipo_loss(pc, pr, rc, rr, 0.25, chosen_len, rejected_len)
+    expected = [
+        ((w - rw) / lw - (lo - rl) / ll - 1 / (2 * 0.25)) ** 2
+        for w, lo, rw, rl, lw, ll in zip(
+            pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), chosen_len.tolist(), rejected_len.tolist()
+        )
+    ]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-12)
+    assert not torch.allclose(loss, ipo_loss(pc, pr, rc, rr, 0.25))
 
 
 def test_cdpo_loss_is_label_smoothed_dpo():
@@ -186,14 +218,17 @@ def test_simpo_loss_uses_length_normalized_logps_and_a_margin():
     _grad_check(lambda w, lo: simpo_loss(w, lo, chosen_len, rejected_len, beta, gamma), pc, pr)
 
 
-@pytest.mark.parametrize("stop_grad_chosen", [True, False])
-def test_tdpo_loss_subtracts_the_sequence_kl_gap_from_the_dpo_margin(stop_grad_chosen):
+@pytest.mark.parametrize(
+    "alpha, stop_grad_chosen", [(0.5, True), (0.8, True), (1.0, False)], ids=["tdpo2", "tdpo2_a0.8", "tdpo1"]
+)
+def test_tdpo_loss_is_the_official_formula_with_its_alpha_weighted_sequence_kl_gap(alpha, stop_grad_chosen):
+    """TDPO2: −log σ(β(h − α(SeqKL_l − sg SeqKL_w))); TDPO1: α = 1 and no stop-gradient (official tdpo_loss)."""
     terms = _pairs()
     chosen_kl, rejected_kl = _randn(BATCH, seed=7).abs(), _randn(BATCH, seed=8).abs()
     beta = 0.3
-    loss = tdpo_loss(*terms, chosen_kl, rejected_kl, beta, stop_grad_chosen)
+    loss = tdpo_loss(*terms, chosen_kl, rejected_kl, beta, alpha, stop_grad_chosen)
     expected = [
-        -_log_sigmoid(beta * _h(*row) - beta * (kl_l - kl_w))
+        -_log_sigmoid(beta * (_h(*row) - alpha * (kl_l - kl_w)))
         for *row, kl_w, kl_l in zip(*(t.tolist() for t in terms), chosen_kl.tolist(), rejected_kl.tolist())
     ]
     assert loss.tolist() == pytest.approx(expected, rel=1e-12)
@@ -201,7 +236,7 @@ def test_tdpo_loss_subtracts_the_sequence_kl_gap_from_the_dpo_margin(stop_grad_c
         chosen_kl.clone().requires_grad_(),
         rejected_kl.clone().requires_grad_(),
     )
-    loss = tdpo_loss(*terms, chosen_kl_leaf, rejected_kl_leaf, beta, stop_grad_chosen)
+    loss = tdpo_loss(*terms, chosen_kl_leaf, rejected_kl_leaf, beta, alpha, stop_grad_chosen)
     chosen_grad, rejected_grad = torch.autograd.grad(
         loss.sum(), [chosen_kl_leaf, rejected_kl_leaf], allow_unused=True, materialize_grads=True
     )
@@ -209,9 +244,29 @@ def test_tdpo_loss_subtracts_the_sequence_kl_gap_from_the_dpo_margin(stop_grad_c
     assert bool((rejected_grad > 0).all())  # a larger SeqKL on the rejected response raises the loss
     # Finite differences see through a stop-gradient, so check SeqKL(y_w) only where it has a gradient.
     if stop_grad_chosen:
-        _grad_check(lambda *t: tdpo_loss(*t[:4], chosen_kl, t[4], beta), *terms, rejected_kl)
+        _grad_check(lambda *t: tdpo_loss(*t[:4], chosen_kl, t[4], beta, alpha), *terms, rejected_kl)
     else:
-        _grad_check(lambda *t: tdpo_loss(*t, beta, False), *terms, chosen_kl, rejected_kl)
+        _grad_check(lambda *t: tdpo_loss(*t, beta, alpha, False), *terms, chosen_kl, rejected_kl)
+
+
+def test_registry_tdpo_is_tdpo2_with_loss_tdpo_alpha_and_tdpo1_is_reachable():
+    from spo_ray.losses import LossParams, PreferenceTerms, get_loss
+
+    pc, pr, rc, rr = _pairs()
+    kl_w, kl_l = _randn(BATCH, seed=7).abs(), _randn(BATCH, seed=8).abs()
+    terms = PreferenceTerms(
+        policy_logps=torch.stack([pc, pr], 1),
+        ref_logps=torch.stack([rc, rr], 1),
+        seq_kl=torch.stack([kl_w, kl_l], 1),
+    )
+    params = LossParams(beta=0.3, tdpo_alpha=0.25)
+    assert torch.equal(
+        get_loss("tdpo").compute(terms, params), tdpo_loss(pc, pr, rc, rr, kl_w, kl_l, 0.3, 0.25)
+    )
+    assert LossParams().tdpo_alpha == 0.5  # the official default
+    tdpo1 = get_loss("tdpo1").compute(terms, params)
+    assert torch.equal(tdpo1, tdpo_loss(pc, pr, rc, rr, kl_w, kl_l, 0.3, 1.0, stop_grad_chosen=False))
+    assert not torch.allclose(tdpo1, get_loss("tdpo").compute(terms, params))
 
 
 def test_sppo_loss_regresses_the_log_ratio_onto_the_centered_win_probability():

@@ -26,7 +26,7 @@ from spo_ray.losses import (
 )
 
 B = 5
-PARAMS = LossParams(alpha=0.7, beta=0.2, epsilon=0.1, gamma=0.3, eta=2.0)
+PARAMS = LossParams(alpha=0.7, beta=0.2, epsilon=0.1, gamma=0.3, eta=2.0, tdpo_alpha=0.4)
 
 
 def _tensor(*shape: int, seed: int) -> torch.Tensor:
@@ -59,8 +59,8 @@ def _direct(name: str, t: PreferenceTerms, p: LossParams) -> torch.Tensor:
         return spo_ranked_loss(lp, t.ranking, p.alpha)
     if name == "dpo":
         return dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], p.beta)
-    if name == "ipo":
-        return ipo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], p.beta)
+    if name == "ipo":  # length-normalized by default (TRL)
+        return ipo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], p.beta, t.lengths[:, 0], t.lengths[:, 1])
     if name == "cdpo":
         return cdpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], p.beta, p.epsilon)
     if name == "rdpo":
@@ -68,7 +68,13 @@ def _direct(name: str, t: PreferenceTerms, p: LossParams) -> torch.Tensor:
     if name == "simpo":
         return simpo_loss(lp[:, 0], lp[:, 1], t.lengths[:, 0], t.lengths[:, 1], p.beta, p.gamma)
     if name == "tdpo":
-        return tdpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], t.seq_kl[:, 0], t.seq_kl[:, 1], p.beta)
+        return tdpo_loss(
+            lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], t.seq_kl[:, 0], t.seq_kl[:, 1], p.beta, p.tdpo_alpha
+        )
+    if name == "tdpo1":
+        return tdpo_loss(
+            lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], t.seq_kl[:, 0], t.seq_kl[:, 1], p.beta, 1.0, False
+        )
     if name == "sppo":
         return sppo_loss(lp, t.prev_logps, t.win_prob, p.eta).mean(-1)
     raise AssertionError(name)
@@ -76,7 +82,7 @@ def _direct(name: str, t: PreferenceTerms, p: LossParams) -> torch.Tensor:
 
 def test_registry_holds_exactly_the_losses_of_the_spec():
     assert set(LOSSES) == {
-        "spo", "spo_best_of_n", "spo_ranked", "dpo", "ipo", "cdpo", "rdpo", "simpo", "tdpo", "sppo",
+        "spo", "spo_best_of_n", "spo_ranked", "dpo", "ipo", "cdpo", "rdpo", "simpo", "tdpo", "tdpo1", "sppo",
     }  # fmt: skip
 
 
@@ -132,7 +138,8 @@ def test_missing_or_misshaped_terms_are_errors_that_name_the_field():
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("alpha", 0.0), ("beta", -1.0), ("eta", 0.0), ("epsilon", 0.5), ("epsilon", -0.1)]
+    ("field", "value"),
+    [("alpha", 0.0), ("beta", -1.0), ("eta", 0.0), ("epsilon", 0.5), ("epsilon", -0.1), ("tdpo_alpha", 0.0)],
 )
 def test_loss_params_reject_out_of_range_values_by_name(field, value):
     with pytest.raises(ValueError, match=f"LossParams.{field}"):
@@ -150,10 +157,10 @@ def test_preference_metrics_report_accuracy_and_margin_of_implicit_rewards():
     assert metrics["margin"].item() == pytest.approx((3.0 + 3.0) / 2)
 
 
-def test_preference_metrics_compare_the_preferred_response_with_the_best_ranked_other():
+def test_preference_metrics_compare_the_preferred_response_with_every_other_one():
     policy = torch.tensor([[-1.0, -3.0, -0.5, -2.0]])
     best_of_n = preference_metrics(PreferenceTerms(policy_logps=policy, best_index=torch.tensor([0])))
     assert best_of_n["accuracy"].item() == 0.0 and best_of_n["margin"].item() == pytest.approx(-0.5)
-    # Column 2 is left out of the padded ranking, so it does not compete.
+    # Column 2 is left out of the partial ranking, so it ranks below every ranked one: it still competes.
     ranked = preference_metrics(PreferenceTerms(policy_logps=policy, ranking=torch.tensor([[0, 3, 1, -1]])))
-    assert ranked["accuracy"].item() == 1.0 and ranked["margin"].item() == pytest.approx(1.0)
+    assert ranked["accuracy"].item() == 0.0 and ranked["margin"].item() == pytest.approx(-0.5)

@@ -49,11 +49,20 @@ def ipo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """IPO: (h − 1/(2β))²."""
+    """IPO (Azar et al. 2023, Eq. 17): (h − 1/(2β))².
+
+    With lengths, each response's log-ratio lp_θ − lp_ref is divided by its token count first (TRL's IPO,
+    a reading the IPO authors confirmed): β then sets a per-token margin. Without, h uses sequence sums.
+    """
     _check_positive("beta", beta)
-    h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    return (h - 1.0 / (2.0 * beta)) ** 2
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if chosen_lengths is not None and rejected_lengths is not None:
+        chosen_ratio = chosen_ratio / chosen_lengths.to(chosen_ratio.dtype).clamp(min=1)
+        rejected_ratio = rejected_ratio / rejected_lengths.to(rejected_ratio.dtype).clamp(min=1)
+    return (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
 
 
 def cdpo_loss(
@@ -111,17 +120,20 @@ def tdpo_loss(
     chosen_seq_kl: torch.Tensor,
     rejected_seq_kl: torch.Tensor,
     beta: float,
+    alpha: float = 0.5,
     stop_grad_chosen: bool = True,
 ) -> torch.Tensor:
-    """Token-level DPO: −log σ(βh − β·(SeqKL(y_l) − sg(SeqKL(y_w)))).
+    """Token-level DPO (Zeng et al. 2024), as in the official code's `tdpo_loss`.
 
-    SeqKL(y) = Σ_t KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t)), from `sequence_kl_ref_to_policy`. The stop-gradient
-    on the chosen term (TDPO2) is on by default; `stop_grad_chosen=False` gives TDPO1.
+    TDPO2 (default): −log σ(β·(h − α·(SeqKL(y_l) − sg(SeqKL(y_w))))), α = 0.5 by default.
+    TDPO1 (`stop_grad_chosen=False`, `alpha=1`): −log σ(β·(h − (SeqKL(y_l) − SeqKL(y_w)))).
+    SeqKL(y) = Σ_t KL(π_ref(·|x,y_<t) ‖ π_θ(·|x,y_<t)), from `sequence_kl_ref_to_policy`.
     """
     _check_positive("beta", beta)
+    _check_positive("alpha", alpha)
     h = preference_log_ratio(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     chosen_kl = chosen_seq_kl.detach() if stop_grad_chosen else chosen_seq_kl
-    return -F.logsigmoid(beta * h - beta * (rejected_seq_kl - chosen_kl))
+    return -F.logsigmoid(beta * (h - alpha * (rejected_seq_kl - chosen_kl)))
 
 
 def sppo_loss(

@@ -15,7 +15,9 @@ def _kl_over_last_dim(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.T
         logits_q, dim=-1, keepdim=True
     )
     log_ratio = (logits_p - logits_q).sub_(lse_gap)  # [..., V]
-    return torch.einsum("...v,...v->...", probs_p, log_ratio)
+    # einsum is a matmul to autocast, which would run this sum over the vocabulary in bf16: keep it exact
+    with torch.autocast(probs_p.device.type, enabled=False):
+        return torch.einsum("...v,...v->...", probs_p, log_ratio)
 
 
 def kl_per_position(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

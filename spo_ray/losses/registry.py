@@ -7,7 +7,7 @@ fills a `PreferenceTerms`, and calls `spec.compute(terms, params)`; it never bra
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -49,9 +49,16 @@ class LossParams:
     epsilon: float = 0.0  # cDPO label smoothing / rDPO flip rate, in [0, 0.5)
     gamma: float = 0.5  # SimPO target reward margin
     eta: float = 1.0  # SPPO step size
+    tdpo_alpha: float = 0.5  # TDPO2's weight of the SeqKL gap (the official default)
+    ipo_length_normalize: bool = True  # IPO log-ratios per token (TRL) instead of per sequence
+
+    @classmethod
+    def from_config(cls, loss_cfg: object) -> LossParams:
+        """The fields of a config section with the same names (`cfg.loss`)."""
+        return cls(**{f.name: getattr(loss_cfg, f.name) for f in fields(cls)})
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "eta"):
+        for name in ("alpha", "beta", "eta", "tdpo_alpha"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LossParams.{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.epsilon < 0.5:
@@ -138,7 +145,18 @@ _SPECS = (
         lambda t, p: spo_ranked_loss(t.policy_logps, t.ranking, p.alpha),
     ),
     LossSpec("dpo", dpo_loss, "pairwise", ("ref_logps",), _reference_pairwise(dpo_loss, "beta")),
-    LossSpec("ipo", ipo_loss, "pairwise", ("ref_logps",), _reference_pairwise(ipo_loss, "beta")),
+    LossSpec(
+        "ipo",
+        ipo_loss,
+        "pairwise",
+        ("ref_logps", "lengths"),
+        lambda t, p: ipo_loss(
+            *_pairwise(t.policy_logps),
+            *_pairwise(t.ref_logps),
+            p.beta,
+            *(_pairwise(t.lengths) if p.ipo_length_normalize else ()),
+        ),
+    ),
     LossSpec(
         "cdpo", cdpo_loss, "pairwise", ("ref_logps",), _reference_pairwise(cdpo_loss, "beta", "epsilon")
     ),
@@ -158,7 +176,21 @@ _SPECS = (
         "pairwise",
         ("ref_logps", "seq_kl"),
         lambda t, p: tdpo_loss(
-            *_pairwise(t.policy_logps), *_pairwise(t.ref_logps), *_pairwise(t.seq_kl), p.beta
+            *_pairwise(t.policy_logps), *_pairwise(t.ref_logps), *_pairwise(t.seq_kl), p.beta, p.tdpo_alpha
+        ),
+    ),
+    LossSpec(  # TDPO1: the SeqKL gap at full weight, with gradient through both responses
+        "tdpo1",
+        tdpo_loss,
+        "pairwise",
+        ("ref_logps", "seq_kl"),
+        lambda t, p: tdpo_loss(
+            *_pairwise(t.policy_logps),
+            *_pairwise(t.ref_logps),
+            *_pairwise(t.seq_kl),
+            p.beta,
+            alpha=1.0,
+            stop_grad_chosen=False,
         ),
     ),
     # SPPO scores each response on its own; a prompt's loss is the mean over its n responses.
@@ -186,7 +218,8 @@ def preference_metrics(terms: PreferenceTerms) -> dict[str, torch.Tensor]:
     """Detached batch means: accuracy (the preferred response has the highest implicit reward) and margin.
 
     Implicit reward: lp_θ − lp_ref when `ref_logps` is set, else lp_θ. The preferred column is
-    `best_index`, else `ranking[:, 0]`, else 0 (pairwise chosen). Margin: preferred reward − best other.
+    `best_index`, else `ranking[:, 0]`, else 0 (pairwise chosen). Margin: preferred reward − best other
+    (unranked responses included: a partial ranking puts them below every ranked one).
     """
     with torch.no_grad():
         rewards = terms.policy_logps if terms.ref_logps is None else terms.policy_logps - terms.ref_logps
@@ -200,10 +233,6 @@ def preference_metrics(terms: PreferenceTerms) -> dict[str, torch.Tensor]:
             preferred = torch.zeros(rewards.shape[0], dtype=torch.long, device=rewards.device)
         preferred_reward = rewards.gather(1, preferred[:, None]).squeeze(1)  # [B]
         others = rewards.scatter(1, preferred[:, None], -torch.inf)
-        if terms.ranking is not None:  # columns left out of a padded ranking are not competitors
-            valid = (terms.ranking >= 0).to(rewards.dtype)
-            ranked = torch.zeros_like(rewards).scatter_add(1, terms.ranking.clamp(min=0).long(), valid) > 0
-            others = torch.where(ranked, others, -torch.inf)
         margin = preferred_reward - others.max(1).values
         return {
             "accuracy": (margin > 0).to(rewards.dtype).mean(),

@@ -28,19 +28,38 @@ def spo_best_of_n_loss(logps: torch.Tensor, best_index: torch.Tensor, alpha: flo
     return F.cross_entropy(alpha * logps, best_index.long(), reduction="none") / alpha
 
 
-def spo_ranked_loss(logps: torch.Tensor, ranking: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Plackett–Luce: −(1/α) · Σ_{k<n} log[exp(α lp_τk) / Σ_{j≥k} exp(α lp_τj)]; logps, ranking [B, n] → [B].
+def complete_ranking(ranking: torch.Tensor) -> torch.Tensor:
+    """Ranked columns first (best first), then the unranked ones in column order: [B, n] long permutation.
 
-    `ranking[b]` lists column indices of `logps[b]`, best first. Rows with fewer than n ranked responses
-    pad the tail with −1 (e.g. [2, 0, -1, -1]); padded slots and unranked columns take no part.
+    `ranking[b]` lists the top-k columns best first and pads the tail with −1 (k = n or n − 1: a full
+    ranking; k = 1: best-of-n). The result is a permutation of range(n) that starts with those k columns.
+    """
+    ranked = ranking.long()
+    batch, n = ranked.shape
+    valid = ranked >= 0  # [B, n]
+    if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("ranking: -1 padding must come after every ranked column ([2, 0, -1, -1])")
+    columns = torch.arange(n, device=ranked.device)
+    # Sort key per column: its slot if ranked, else n + column. Unranked slots write to a dropped column n.
+    key = (n + torch.arange(n + 1, device=ranked.device)).expand(batch, n + 1).clone()
+    key.scatter_(1, torch.where(valid, ranked, n), columns.expand(batch, n).clone())
+    return key[:, :n].argsort(dim=1)
+
+
+def spo_ranked_loss(logps: torch.Tensor, ranking: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Top-k Plackett–Luce: −(1/α) · Σ_{k ranked} log[exp(α lp_τk) / Σ_{j not yet chosen} exp(α lp_j)] → [B].
+
+    `ranking[b]` lists column indices of `logps[b]` best first; a partial ranking pads its tail with −1
+    ([2, 0, -1, -1]: column 2 is the best of all n, then column 0 the best of the rest). The ranked columns
+    are chosen in order among all n responses, so the unranked ones stay in every denominator; [best, -1, ...]
+    is the best-of-n loss, and a full ranking is the classic Plackett–Luce likelihood.
     """
     _check_alpha(alpha)
-    ranked = ranking.long()
-    valid = ranked >= 0  # [B, n]
-    scores = alpha * logps.gather(-1, ranked.clamp(min=0))  # [B, n], α·lp in ranked order
-    scores = torch.where(valid, scores, -torch.inf)
-    # log Σ_{j≥k} exp(score_j): a reversed cumulative logsumexp.
+    order = complete_ranking(ranking)  # [B, n], ranked columns first
+    scores = alpha * logps.gather(-1, order)  # [B, n], α·lp in choice order
+    # log Σ_{j≥k} exp(score_j): a reversed cumulative logsumexp over the columns not chosen before slot k.
     tail_logsumexp = scores.flip(-1).logcumsumexp(-1).flip(-1)  # [B, n]
-    # The last ranked slot contributes log(1) = 0, so summing over every valid slot is the Σ_{k<n}.
-    log_choice = torch.where(valid, scores - tail_logsumexp, 0.0)
+    # Slots past the ranked prefix choose nothing; a full ranking's last slot contributes log(1) = 0.
+    chosen = ranking.long() >= 0
+    log_choice = torch.where(chosen, scores - tail_logsumexp, 0.0)
     return -log_choice.sum(-1) / alpha
