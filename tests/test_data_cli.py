@@ -13,7 +13,24 @@ def test_validate_exits_0_and_prints_counts_when_every_row_is_good(tmp_path, cap
     path = tmp_path / "good.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
     assert main(["data", "validate", str(path)]) == 0
-    assert capsys.readouterr().out.splitlines() == ["rows read: 3", "ok: 3", "bad: 0"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["rows read: 3", "ok: 3", "bad: 0"]
+    assert lines[3].startswith("lengths: not checked (no --tokenizer)") and len(lines) == 4
+
+
+def test_validate_with_a_tokenizer_reports_what_max_length_would_cut_or_refuse(
+    tmp_path, tiny_model_dir, capsys
+):
+    path = tmp_path / "long.jsonl"
+    long_row = {"prompt": "question?", "chosen": "yes", "rejected": " ".join(["word"] * 100)}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*GOOD, long_row]))
+    lengths = ["--tokenizer", str(tiny_model_dir), "--max-length", "48", "--max-prompt-length", "24"]
+    assert main(["data", "validate", str(path), *lengths]) == 0
+    out = capsys.readouterr().out
+    assert "rows with responses cut to --max-length: 1" in out and "not checked" not in out
+    assert main(["data", "validate", str(path), *lengths, "--on-long-rows", "skip"]) == 2
+    out = capsys.readouterr().out
+    assert "  too_long: 1" in out and f"{path}:4: rejected: too long for data.max_length" in out
 
 
 def test_validate_exits_2_listing_the_first_20_problems_as_file_line_field_reason(tmp_path, capsys):
@@ -22,16 +39,16 @@ def test_validate_exits_2_listing_the_first_20_problems_as_file_line_field_reaso
     path.write_text("".join(json.dumps(r) + "\n" for r in GOOD + bad) + "{oops\n")
     assert main(["data", "validate", str(path), "--format", "explicit"]) == 2
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:6] == [
+    assert lines[:5] == [
         "rows read: 29",
         "ok: 3",
         "bad: 26",
         "  identical_responses: 25",
         "  invalid_json: 1",
-        "first 20 problems:",
     ]
-    assert lines[6] == f"  {path}:4: rejected: chosen identical to rejected: the same text as chosen"
-    assert len(lines) == 26 and lines[-1].startswith(f"  {path}:23: rejected:")
+    assert lines[6] == "first 20 problems:"
+    assert lines[7] == f"  {path}:4: rejected: chosen identical to rejected: the same text as chosen"
+    assert len(lines) == 27 and lines[-1].startswith(f"  {path}:23: rejected:")
 
 
 def test_validate_names_a_missing_path_and_exits_2(tmp_path, capsys):

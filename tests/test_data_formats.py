@@ -80,14 +80,56 @@ def test_binarized_rows_take_the_user_turn_from_chosen_and_keep_scores():
     assert example.responses == ["Apple", "Car"] and example.scores == [9.0, 2.5]
 
 
-def test_nary_rows_keep_a_ranking_derive_one_from_scores_or_mark_best_of_n():
+def test_nary_rows_are_stored_best_first_from_a_ranking_scores_or_a_best_of_n():
     ranked = normalize_row({"prompt": "Pick", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]})
     scored = normalize_row({"prompt": "Pick", "responses": ["a", "b", "c"], "scores": [0.1, 0.9, 0.5]})
     best = normalize_row({"prompt": "Pick", "responses": ["a", "b", "c", "d"], "ranking": [3]})
+    top_two = normalize_row({"prompt": "Pick", "responses": ["a", "b", "c", "d"], "ranking": [2, 0]})
     assert ranked.format == scored.format == "nary"
-    assert ranked.ranking == [2, 0, 1] and ranked.responses == ["a", "b", "c"]
-    assert scored.ranking == [1, 2, 0]
-    assert best.ranking == [3]
+    assert ranked.responses == ["c", "a", "b"] and ranked.ranking == [0, 1, 2]
+    assert ranked.response_fields == ["responses[2]", "responses[0]", "responses[1]"]
+    assert scored.responses == ["b", "c", "a"] and scored.ranking == [0, 1, 2]
+    assert scored.scores == [0.9, 0.5, 0.1]
+    assert best.responses == ["d", "a", "b", "c"] and best.ranking == [0]
+    assert top_two.responses == ["c", "a", "b", "d"] and top_two.ranking == [0, 1]
+    # the top n-1 fix the last place too: a full ranking
+    assert normalize_row({"prompt": "P", "responses": ["a", "b", "c"], "ranking": [1, 2]}).ranking == [
+        0,
+        1,
+        2,
+    ]
+
+
+def test_a_pairwise_row_listing_the_better_response_second_puts_it_first():
+    for row in (
+        {"prompt": "Hi", "responses": ["Bye", "Hello"], "scores": [0.1, 0.9]},
+        {"prompt": "Hi", "responses": ["Bye", "Hello"], "ranking": [1, 0]},
+        {"prompt": "Hi", "responses": ["Bye", "Hello"], "ranking": [1]},
+    ):
+        example = normalize_row(row)
+        assert example.responses == ["Hello", "Bye"], row  # column 0: the chosen response of every loss
+    explicit = normalize_row({"prompt": "Hi", "chosen": "Hello", "rejected": "Bye"})
+    assert (explicit.prompt, explicit.responses) == (example.prompt, example.responses)
+
+
+def test_tied_scores_rank_only_the_responses_before_the_tie():
+    partial = normalize_row(
+        {"prompt": "P", "responses": ["a", "b", "c", "d"], "scores": [0.2, 0.9, 0.2, 0.5]}
+    )
+    assert partial.responses[:2] == ["b", "d"] and partial.ranking == [0, 1]  # a and c tie for last
+    with pytest.raises(RowProblem) as info:
+        normalize_row({"prompt": "P", "responses": ["a", "b", "c"], "scores": [0.9, 0.9, 0.1]})
+    assert (info.value.field, info.value.reason) == ("scores", "no_preference")
+
+
+def test_sppo_rows_carry_win_probabilities_and_no_ranking():
+    row = {"prompt": "P", "responses": ["a", "a", "b"], "win_probs": [0.25, 0.25, 1.0]}
+    example = normalize_row(row)
+    assert (
+        example.responses == ["a", "a", "b"]
+        and example.ranking == []
+        and example.win_probs == [0.25, 0.25, 1.0]
+    )
 
 
 def test_format_override_reads_rows_strictly_in_that_format():

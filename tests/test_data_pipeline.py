@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import datasets
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer
 
 from spo_ray.config import DataConfig
 from spo_ray.data import prepare_preference_data
+from spo_ray.errors import DataError
 
 
 def pair(i: int) -> dict:
@@ -118,7 +120,9 @@ def test_the_same_example_in_each_of_the_six_formats_tokenizes_identically(
     }
 
 
-def test_best_of_n_rows_pad_their_ranking_with_minus_one(tmp_path, tiny_model_dir):
+def test_nary_rows_are_stored_best_first_and_best_of_n_pads_its_ranking_with_minus_one(
+    tmp_path, tiny_model_dir, tokenizer
+):
     rows = [
         {"prompt": f"p{i}", "responses": ["a", "b", "c"], "ranking": [2] if i else [1, 2, 0]}
         for i in range(3)
@@ -126,8 +130,31 @@ def test_best_of_n_rows_pad_their_ranking_with_minus_one(tmp_path, tiny_model_di
     cfg = DataConfig(train_files=[write_jsonl(tmp_path / "nary.jsonl", rows)])
     prepared = prepare_preference_data(cfg, str(tiny_model_dir), str(tmp_path / "out"))
     assert prepared.num_responses == 3
-    rankings = {r["example_id"]: r["ranking"] for r in prepared.train.take_all()}
-    assert rankings == {0: [1, 2, 0], 1: [2, -1, -1], 2: [2, -1, -1]}
+    stored = {r["example_id"]: r for r in prepared.train.take_all()}
+    assert {i: r["ranking"] for i, r in stored.items()} == {0: [0, 1, 2], 1: [0, -1, -1], 2: [0, -1, -1]}
+    first = {i: tokenizer.decode(r["response_ids"][0]) for i, r in stored.items()}
+    assert first == {0: "b<|im_end|>", 1: "c<|im_end|>", 2: "c<|im_end|>"}
+
+
+def test_long_rows_are_cut_to_fit_and_counted_or_stop_the_run_when_asked(tmp_path, tiny_model_dir):
+    long_rows = [pair(i) | {"rejected": " ".join(["word"] * (60 + i))} for i in range(3)]
+    path = write_jsonl(tmp_path / "long.jsonl", [pair(10), *long_rows])
+    cfg = DataConfig(train_files=[path], max_length=48, max_prompt_length=24)  # on_long_rows: truncate
+    prepared = prepare_preference_data(cfg, str(tiny_model_dir), str(tmp_path / "cut"))
+    assert prepared.num_train == 4 and prepared.responses_truncated == 3 and not prepared.bad_rows
+    assert all(
+        len(r["prompt_ids"]) + max(len(x) for x in r["response_ids"]) <= 48 for r in prepared.train.take_all()
+    )
+    assert json.loads((tmp_path / "cut" / "data" / "summary.json").read_text())["responses_truncated"] == 3
+    assert "3 their responses cut to data.max_length" in prepared.truncation_note()
+    skipped = prepare_preference_data(
+        dataclasses.replace(cfg, on_long_rows="skip"), str(tiny_model_dir), str(tmp_path / "skip")
+    )
+    assert skipped.num_train == 1 and skipped.bad_rows == {"too_long": 3}
+    with pytest.raises(DataError, match=r"long.jsonl:2: rejected: too long.*data.on_long_rows=error"):
+        prepare_preference_data(
+            dataclasses.replace(cfg, on_long_rows="error"), str(tiny_model_dir), str(tmp_path / "stop")
+        )
 
 
 def test_eval_fraction_holds_out_a_seeded_disjoint_split_with_dense_ids(tmp_path, tiny_model_dir, tokenizer):

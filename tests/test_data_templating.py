@@ -82,11 +82,34 @@ def test_long_prompts_are_cut_from_the_left_and_responses_are_kept_whole(templat
     assert templater.tokenizer.decode(encoded.response_ids[0]) == "Light scatters.<|im_end|>"
 
 
-def test_a_row_whose_response_cannot_fit_is_a_too_long_problem_not_a_cut(templater):
-    (problem,) = templater.encode([normalize_row({**ROW, "rejected": " ".join(["word"] * 80)})])
+def test_a_response_that_cannot_fit_is_cut_to_fit_keeping_its_start_by_default(templater):
+    long_reply = " ".join(["word"] * 80)
+    (encoded,) = templater.encode([normalize_row({**ROW, "rejected": long_reply})])
+    full = Templater(templater.tokenizer, 10_000, 24).encode(
+        [normalize_row({**ROW, "rejected": long_reply})]
+    )[0]
+    assert encoded.responses_truncated and not full.responses_truncated
+    assert len(encoded.prompt_ids) + len(encoded.response_ids[1]) == 64  # cut to exactly max_length
+    assert encoded.response_ids[1] == full.response_ids[1][: 64 - len(encoded.prompt_ids)]  # its start
+    assert encoded.response_ids[1][-1] != templater.eos_id  # a cut response did not end
+    assert encoded.response_ids[0] == full.response_ids[0]  # the short one is whole
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_skip_and_error_policies_make_a_long_row_a_too_long_problem(templater, policy):
+    strict = Templater(templater.tokenizer, 64, 24, on_long_rows=policy)
+    (problem,) = strict.encode([normalize_row({**ROW, "rejected": " ".join(["word"] * 80)})])
     assert isinstance(problem, RowProblem)
     assert (problem.field, problem.reason) == ("rejected", "too_long")
-    assert "data.max_length=64" in str(problem)
+    assert "data.max_length=64" in str(problem) and f"data.on_long_rows={policy}" in str(problem)
+
+
+def test_responses_that_become_identical_when_cut_are_refused_not_trained(templater):
+    shared = " ".join(["word"] * 80)
+    row = {**ROW, "chosen": shared + " yes", "rejected": shared + " no"}
+    (problem,) = templater.encode([normalize_row(row)])
+    assert isinstance(problem, RowProblem)
+    assert (problem.field, problem.reason) == ("rejected", "identical_after_truncation")
 
 
 def test_tokenizers_without_a_chat_template_use_the_documented_plain_format(tiny_model_dir, tmp_path):

@@ -11,7 +11,9 @@ def validate(args: argparse.Namespace) -> int:
     """Print counts by reason and the first 20 problems; 0 when every row is good, else 2."""
     from spo_ray.data.checks import validate_paths
 
-    report = validate_paths(args.paths, args.format, args.tokenizer, args.max_length, args.max_prompt_length)
+    report = validate_paths(
+        args.paths, args.format, args.tokenizer, args.max_length, args.max_prompt_length, args.on_long_rows
+    )
     print(report.render(limit=20))
     if report.rows_read == 0:
         print("no rows found")
@@ -44,6 +46,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="as data.max_length (needs --tokenizer)")
     parser.add_argument(
         "--max-prompt-length", type=int, default=256, help="as data.max_prompt_length (needs --tokenizer)"
+    )
+    parser.add_argument(
+        "--on-long-rows",
+        default="truncate",
+        choices=("truncate", "skip", "error"),
+        help="as data.on_long_rows: cut responses to fit --max-length, or count the row as too_long",
     )
 
 

@@ -24,6 +24,9 @@ class ValidationReport:
     ok: int = 0
     bad: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
+    lengths_checked: bool = False  # with a tokenizer only: rows are templated and measured
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
 
     def add(self, raw: RawRow, problem: RowProblem, chunk: Chunk) -> None:
         """Count a bad row; keep its problem (up to the first thousand)."""
@@ -36,6 +39,14 @@ class ValidationReport:
         """The report as printed: counts, then up to `limit` problems as file:line: field: reason."""
         lines = [f"rows read: {self.rows_read}", f"ok: {self.ok}", f"bad: {sum(self.bad.values())}"]
         lines += [f"  {reason}: {count}" for reason, count in sorted(self.bad.items())]
+        if self.lengths_checked:
+            lines.append(f"prompts cut from the left to --max-prompt-length: {self.prompts_truncated}")
+            lines.append(f"rows with responses cut to --max-length: {self.responses_truncated}")
+        else:
+            lines.append(
+                "lengths: not checked (no --tokenizer); give the model folder to template the rows and see "
+                "what data.max_length would cut or refuse"
+            )
         first = sorted(self.problems, key=lambda p: p.order)[:limit]
         if first:
             lines.append(f"first {len(first)} problems:")
@@ -70,8 +81,12 @@ def _checked(chunks: list[Chunk], fmt: str, templater: Templater | None) -> Iter
         yield from _in_order(chunk, pending, templater)
 
 
-def _templater(tokenizer_path: str | None, max_length: int, max_prompt_length: int) -> Templater | None:
-    return Templater.from_path(tokenizer_path, max_length, max_prompt_length) if tokenizer_path else None
+def _templater(
+    tokenizer_path: str | None, max_length: int, max_prompt_length: int, on_long_rows: str = "truncate"
+) -> Templater | None:
+    if not tokenizer_path:
+        return None
+    return Templater.from_path(tokenizer_path, max_length, max_prompt_length, on_long_rows)
 
 
 def validate_paths(
@@ -80,16 +95,20 @@ def validate_paths(
     tokenizer_path: str | None = None,
     max_length: int = 512,
     max_prompt_length: int = 256,
+    on_long_rows: str = "truncate",
 ) -> ValidationReport:
-    """Read every row (no Ray, constant memory); with a tokenizer, lengths are checked too."""
-    report = ValidationReport()
-    templater = _templater(tokenizer_path, max_length, max_prompt_length)
-    for chunk, raw, item, _ in _checked(_chunks(paths), fmt, templater):
+    """Read every row (no Ray, constant memory); with a tokenizer, lengths are checked (and cuts counted) too."""
+    report = ValidationReport(lengths_checked=bool(tokenizer_path))
+    templater = _templater(tokenizer_path, max_length, max_prompt_length, on_long_rows)
+    for chunk, raw, item, tokens in _checked(_chunks(paths), fmt, templater):
         report.rows_read += 1
         if isinstance(item, RowProblem):
             report.add(raw, item, chunk)
-        else:
-            report.ok += 1
+            continue
+        report.ok += 1
+        if tokens is not None:
+            report.prompts_truncated += tokens.prompt_truncated
+            report.responses_truncated += tokens.responses_truncated
     return report
 
 
@@ -127,8 +146,9 @@ def inspect_paths(
             cut = ", cut from the left" if tokens.prompt_truncated else ""
             lines.append(f"-- templated prompt ({len(tokens.prompt_ids)} tokens{cut}):")
             lines.append(decode(tokens.prompt_ids))
+            scored = "cut to fit max_length" if tokens.responses_truncated else "all scored"
             for j, ids in enumerate(tokens.response_ids):
-                lines.append(f"-- templated response {j} ({len(ids)} tokens, all scored):")
+                lines.append(f"-- templated response {j} ({len(ids)} tokens, {scored}):")
                 lines.append(decode(ids))
         blocks.append("\n".join(lines))
     if skipped:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spo_ray.data.processing import ChunkResult, Problem, iter_examples, process_chunk
+from spo_ray.data.processing import ChunkResult, is_fatal, iter_examples, process_chunk
 from spo_ray.data.schema import Example
 from spo_ray.data.sharding import derive_key, permute
 from spo_ray.data.sources import Chunk, config_sources, iter_chunk_rows, plan_chunks
@@ -30,7 +30,8 @@ PEEK_ROWS = 1000  # rows read to learn the number of responses per example
 @dataclass
 class PreparedData:
     """Tokenized train/eval datasets and what the pipeline found. Rows: example_id (dense, stable),
-    prompt_ids, response_ids (n lists), ranking (n ints, best first; best-of-n: [best, -1, ..., -1]).
+    prompt_ids, response_ids (n lists, best first), ranking (n ints: 0..k-1 for the k ranked responses, then
+    -1; best-of-n is [0, -1, ..., -1]; SPPO self-play rows have none and carry win_prob instead).
     """
 
     train: ray.data.Dataset
@@ -42,7 +43,17 @@ class PreparedData:
     num_eval: int = 0
     rows_read: int = 0
     prompts_truncated: int = 0
+    responses_truncated: int = 0
     pad_token_id: int = 0
+
+    def truncation_note(self) -> str | None:
+        """One console line on what the truncation policy cut, or None when nothing was cut."""
+        if not (self.prompts_truncated or self.responses_truncated):
+            return None
+        return (
+            f"data: {self.prompts_truncated} of {self.rows_read} rows had their prompt cut from the left to "
+            f"data.max_prompt_length, {self.responses_truncated} their responses cut to data.max_length"
+        )
 
     def summary(self) -> dict[str, Any]:
         """Counts for the run's summary.json."""
@@ -53,6 +64,7 @@ class PreparedData:
             "num_responses": self.num_responses,
             "bad_rows": dict(self.bad_rows),
             "prompts_truncated": self.prompts_truncated,
+            "responses_truncated": self.responses_truncated,
             "quarantine_path": self.quarantine_path,
         }
 
@@ -92,10 +104,6 @@ def _process_all(chunks: list[Chunk], settings: dict[str, Any]) -> list[ChunkRes
     )
     results = [ChunkResult.from_json(row["result"]) for row in done.iter_rows()]
     return sorted(results, key=lambda r: r.index)
-
-
-def _first_problems(results: list[ChunkResult], limit: int) -> list[Problem]:
-    return sorted((p for r in results for p in r.problems), key=lambda p: p.order)[:limit]
 
 
 def _merge_quarantine(results: list[ChunkResult], out_dir: str) -> str | None:
@@ -163,16 +171,20 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
         "max_prompt_length": data_cfg.max_prompt_length,
         "format": data_cfg.format,
         "num_responses": peek_num_responses(chunks, data_cfg.format),
-        "stop_at_bad": data_cfg.on_bad_rows == "error",
+        "on_bad_rows": data_cfg.on_bad_rows,
+        "on_long_rows": data_cfg.on_long_rows,
         "out_dir": work_dir,
     }
     results = _process_all(chunks, settings)
     bad = sum((r.bad for r in results), Counter())
-    if bad and data_cfg.on_bad_rows == "error":
-        first = _first_problems(results, 1)[0]
+    fatal = sorted((p for r in results for p in r.problems if is_fatal(p, settings)), key=lambda p: p.order)
+    if fatal:
+        first = fatal[0]
+        key = "data.on_long_rows" if first.reason == "too_long" else "data.on_bad_rows"
+        what = "skip to quarantine them and go on" + (", or truncate" if first.reason == "too_long" else "")
         raise DataError(
-            f"{first}\n(data.on_bad_rows=error stops at the first bad row; `spo-ray data validate PATH` "
-            f"lists all of them, or set data.on_bad_rows=skip to quarantine them and go on)"
+            f"{first}\n({key}=error stops at the first such row; `spo-ray data validate PATH` lists all of "
+            f"them, or set {key}={what})"
         )
     quarantine = _merge_quarantine(results, output_dir)
     train_results = [r for r in results if r.role == "train"]
@@ -204,6 +216,7 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
         num_eval=n_split or n_eval_files,
         rows_read=sum(r.read for r in results),
         prompts_truncated=sum(r.truncated for r in results),
+        responses_truncated=sum(r.responses_truncated for r in results),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     os.makedirs(work_dir, exist_ok=True)

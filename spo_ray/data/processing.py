@@ -64,7 +64,9 @@ class ChunkResult:
     role: str
     read: int = 0
     good: int = 0
-    truncated: int = 0
+    truncated: int = 0  # rows whose prompt was cut from the left
+    responses_truncated: int = 0  # rows whose responses were cut to fit max_length
+    fatal: bool = False  # a bad row that stops the run (see `is_fatal`) was met
     bad: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
     parquet: str | None = None
@@ -151,10 +153,20 @@ class _Writer:
             self.quarantine.close()
 
 
+def is_fatal(problem: RowProblem | Problem, settings: dict[str, Any]) -> bool:
+    """Whether a problem stops the run: a too-long row under on_long_rows=error, any other under on_bad_rows=error."""
+    if problem.reason == "too_long":
+        return settings["on_long_rows"] == "error"
+    return settings["on_bad_rows"] == "error"
+
+
 def process_chunk(chunk: Chunk, settings: dict[str, Any]) -> ChunkResult:
-    """Read, normalize and tokenize one chunk; stop at its first bad row when settings['stop_at_bad']."""
+    """Read, normalize and tokenize one chunk; stop at its first fatal bad row (see `is_fatal`)."""
     templater = Templater.from_path(
-        settings["tokenizer_path"], settings["max_length"], settings["max_prompt_length"]
+        settings["tokenizer_path"],
+        settings["max_length"],
+        settings["max_prompt_length"],
+        settings["on_long_rows"],
     )
     result = ChunkResult(chunk.index, chunk.role)
     writer = _Writer(result, settings["out_dir"])
@@ -162,7 +174,9 @@ def process_chunk(chunk: Chunk, settings: dict[str, Any]) -> ChunkResult:
 
     def record(raw: RawRow, problem: RowProblem) -> None:
         result.bad[problem.reason] += 1
-        if len(result.problems) < MAX_PROBLEMS:
+        fatal = is_fatal(problem, settings)
+        result.fatal = result.fatal or fatal
+        if len(result.problems) < MAX_PROBLEMS or fatal:  # a chunk stops at its first fatal problem
             order = (chunk.index, raw.row)
             result.problems.append(
                 Problem(raw.location, problem.field, problem.reason, problem.detail, order)
@@ -179,23 +193,23 @@ def process_chunk(chunk: Chunk, settings: dict[str, Any]) -> ChunkResult:
             else:
                 good.append(item)
                 result.truncated += item.prompt_truncated
+                result.responses_truncated += item.responses_truncated
         if good:
             writer.rows(good)
             result.good += len(good)
         pending.clear()
 
-    stop = settings["stop_at_bad"]
     try:
         for raw, item in iter_examples(iter_chunk_rows(chunk), settings["format"]):
             result.read += 1
             if isinstance(item, Example):
                 item = check_count(item, settings["num_responses"]) or item
             pending.append((raw, item))
-            if len(pending) >= TOKENIZE_BATCH or (stop and isinstance(item, RowProblem)):
+            if len(pending) >= TOKENIZE_BATCH or (isinstance(item, RowProblem) and is_fatal(item, settings)):
                 flush()
-            if stop and result.bad:
+            if result.fatal:
                 break
-        if pending and not (stop and result.bad):
+        if pending and not result.fatal:
             flush()
     finally:
         writer.close()

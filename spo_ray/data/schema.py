@@ -16,10 +16,12 @@ REASONS: dict[str, str] = {
     "empty": "empty prompt or response",
     "identical_responses": "chosen identical to rejected",
     "unknown_role": "unknown role",
-    "bad_ranking": "ranking is not a permutation",
+    "bad_ranking": "ranking is not a list of distinct response indices",
+    "no_preference": "no preferred response (the best scores tie)",
     "bad_transcript": "transcript cannot be split into prompt and responses",
     "wrong_count": "number of responses differs from the dataset's",
     "too_long": "too long for data.max_length",
+    "identical_after_truncation": "responses identical once cut to data.max_length",
 }
 
 ROLES = ("system", "user", "assistant")
@@ -45,10 +47,13 @@ class RowProblem(Exception):
 
 @dataclass
 class Example:
-    """The canonical schema every format becomes: prompt messages, n responses, a ranking best first.
+    """The canonical schema every format becomes: prompt messages, n responses, best first.
 
-    `ranking`: a permutation of range(n), or [best] for best-of-n. `response_fields`: each response's
-    source field, so later problems (too_long) can name it."""
+    Responses are stored in preference order, whatever order the source listed them in, so column 0 is the
+    best (a pairwise loss's chosen) for every consumer. `ranking` = [0, 1, ..., k−1]: the top k responses are
+    ranked (k = n: a full ranking; k = 1: best-of-n; the rest rank below them, unordered); [] for SPPO's
+    self-play rows, which carry `win_probs` instead. `response_fields`: each response's source field
+    (`responses[1]`), so later problems (too_long) and `data inspect` can name it."""
 
     prompt: list[dict[str, str]]
     responses: list[str]
@@ -266,19 +271,19 @@ def normalize_binarized(row: dict) -> Example:
 
 
 def _ranking_from(row: dict, n: int) -> list[int]:
+    """The top-k response indices, best first: a given `ranking`, or the order of `scores` up to the first tie."""
     if row.get("ranking") is not None:
         ranking = row["ranking"]
         if not isinstance(ranking, list) or any(
             isinstance(i, bool) or not isinstance(i, int) for i in ranking
         ):
             raise RowProblem("ranking", "wrong_type", f"expected a list of integers, got {ranking!r:.80}")
-        if len(ranking) == 1 and 0 <= ranking[0] < n:
-            return list(ranking)  # best-of-n: only the best is known
-        if sorted(ranking) != list(range(n)):
+        if not ranking or len(set(ranking)) != len(ranking) or not all(0 <= i < n for i in ranking):
             raise RowProblem(
                 "ranking",
                 "bad_ranking",
-                f"{ranking!r:.80} is not a permutation of 0..{n - 1} (or [best] for best-of-n)",
+                f"{ranking!r:.80} must list distinct indices of the {n} responses, best first: all of them, "
+                "or the top k ([best] for best-of-n)",
             )
         return list(ranking)
     if row.get("scores") is not None:
@@ -289,7 +294,14 @@ def _ranking_from(row: dict, n: int) -> list[int]:
             raise RowProblem("scores", "wrong_type", f"expected a list of numbers, got {scores!r:.80}")
         if len(scores) != n:
             raise RowProblem("scores", "bad_ranking", f"{len(scores)} scores for {n} responses")
-        return sorted(range(n), key=lambda i: -scores[i])  # stable: ties keep their order
+        order = sorted(range(n), key=lambda i: -scores[i])
+        # ranked while strictly better than the next: ties end the ranking (their order would be arbitrary)
+        k = 0
+        while k < n - 1 and scores[order[k]] > scores[order[k + 1]]:
+            k += 1
+        if k == 0:
+            raise RowProblem("scores", "no_preference", f"the best scores tie ({scores!r:.80})")
+        return order if k == n - 1 else order[:k]
     raise RowProblem("ranking", "missing_field", "format 'nary' needs 'ranking' (best first) or 'scores'")
 
 
@@ -328,13 +340,22 @@ def normalize_nary(row: dict) -> Example:
         _text(item, where) if isinstance(item, str) else _reply(_messages(item, where), where)
         for item, where in zip(items, fields)
     ]
-    if row.get("win_probs") is not None:  # self-play samples: a repeat is a sample drawn twice
+    if row.get("win_probs") is not None:  # self-play samples: a repeat is a sample drawn twice, no ranking
         win_probs = _win_probs(row, len(items))
-        return Example(prompt, replies, list(range(len(items))), fields, "nary", win_probs=win_probs)
+        return Example(prompt, replies, [], fields, "nary", win_probs=win_probs)
     ranking = _ranking_from(row, len(items))
     _distinct(replies, fields)
     scores = [float(s) for s in row["scores"]] if row.get("ranking") is None else []
-    return Example(prompt, replies, ranking, fields, "nary", scores)
+    # best first: the ranked responses in rank order, then the unranked ones in the order given
+    order = ranking + [i for i in range(len(items)) if i not in ranking]
+    return Example(
+        prompt,
+        [replies[i] for i in order],
+        list(range(len(ranking) if len(ranking) < len(items) - 1 else len(items))),
+        [fields[i] for i in order],
+        "nary",
+        [scores[i] for i in order] if scores else [],
+    )
 
 
 NORMALIZERS: dict[str, Callable[[dict], Example]] = {

@@ -45,17 +45,27 @@ class TokenizedExample:
     ranking: list[int]
     prompt_truncated: bool
     win_probs: list[float] = field(default_factory=list)
+    responses_truncated: bool = False  # some response was cut to fit max_length (no eos after the cut)
+
+
+LONG_ROW_POLICIES = ("truncate", "skip", "error")
 
 
 class Templater:
     """Canonical examples -> token ids, batched. Prompt: chat template with the generation prompt (or the
     plain fallback `User: ...\nAssistant: `); response: the assistant turn through eos. Prompts are cut
-    from the left to max_prompt_length; responses never: a row over max_length is `too_long`."""
+    from the left to max_prompt_length; a response that still does not fit max_length is cut to fit
+    (`on_long_rows="truncate"`, keeping its start, as TRL does) or makes the row `too_long`."""
 
-    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int):
+    def __init__(
+        self, tokenizer: Any, max_length: int, max_prompt_length: int, on_long_rows: str = "truncate"
+    ):
+        if on_long_rows not in LONG_ROW_POLICIES:
+            raise ValueError(f"on_long_rows must be one of {LONG_ROW_POLICIES}, got {on_long_rows!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.on_long_rows = on_long_rows
         self.eos_id: int = tokenizer.eos_token_id
         self.eos_text: str = tokenizer.eos_token
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -64,9 +74,11 @@ class Templater:
         self._plain_bos = bos if bos and bos != self.eos_text else ""
 
     @classmethod
-    def from_path(cls, path: str, max_length: int, max_prompt_length: int) -> Templater:
+    def from_path(
+        cls, path: str, max_length: int, max_prompt_length: int, on_long_rows: str = "truncate"
+    ) -> Templater:
         """A Templater over the (cached) tokenizer of a model folder."""
-        return cls(load_tokenizer(path), max_length, max_prompt_length)
+        return cls(load_tokenizer(path), max_length, max_prompt_length, on_long_rows)
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
         """The templated prompt, ending where the assistant's reply begins."""
@@ -156,15 +168,33 @@ class Templater:
     def _fit(
         self, ex: Example, prompt: list[int], responses: list[list[int]], truncated: bool, full_len: int
     ) -> TokenizedExample | RowProblem:
+        room = self.max_length - len(prompt)  # > 0: max_prompt_length < max_length
         longest = max(range(len(responses)), key=lambda i: len(responses[i]))
-        total = len(prompt) + len(responses[longest])
-        if total > self.max_length:
-            cut = f" (cut from {full_len})" if truncated else ""
-            return RowProblem(
-                ex.response_fields[longest],
-                "too_long",
-                f"prompt {len(prompt)} tokens{cut} + response {len(responses[longest])} tokens = {total} > "
-                f"data.max_length={self.max_length}; responses are never cut: raise data.max_length "
-                f"or lower data.max_prompt_length",
-            )
-        return TokenizedExample(prompt, responses, list(ex.ranking), truncated, list(ex.win_probs))
+        cut_responses = False
+        if len(responses[longest]) > room:
+            if self.on_long_rows != "truncate":
+                cut = f" (cut from {full_len})" if truncated else ""
+                return RowProblem(
+                    ex.response_fields[longest],
+                    "too_long",
+                    f"prompt {len(prompt)} tokens{cut} + response {len(responses[longest])} tokens = "
+                    f"{len(prompt) + len(responses[longest])} > data.max_length={self.max_length} "
+                    f"(data.on_long_rows={self.on_long_rows}); raise data.max_length, or set "
+                    "data.on_long_rows=truncate to cut responses to fit",
+                )
+            responses = [r[:room] for r in responses]
+            cut_responses = True
+            seen: dict[tuple[int, ...], int] = {}
+            for i, ids in enumerate([] if ex.win_probs else responses):  # self-play rows may repeat
+                j = seen.setdefault(tuple(ids), i)
+                if j != i:  # the pair would compare a response with itself: no preference left
+                    return RowProblem(
+                        ex.response_fields[i],
+                        "identical_after_truncation",
+                        f"its first {room} tokens equal those of {ex.response_fields[j]}, the room "
+                        f"data.max_length={self.max_length} leaves after the {len(prompt)}-token prompt; "
+                        "raise data.max_length or lower data.max_prompt_length",
+                    )
+        return TokenizedExample(
+            prompt, responses, list(ex.ranking), truncated, list(ex.win_probs), cut_responses
+        )
