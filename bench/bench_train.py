@@ -248,7 +248,7 @@ class BareSetup:
     def prepare(self, trl_inputs: dict, rows: dict):
         if self.layout == "padded":
             return trl_inputs
-        from spo_ray.train.step import response_tokens
+        from spo_ray.train.layouts import response_tokens
 
         return response_tokens(self.model, collate_preference_batch(rows, self.pad_token_id))
 
@@ -261,7 +261,7 @@ class BareSetup:
             logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
             loss = -torch.where(mask, logps, 0.0).sum() / mask.shape[0]
         else:
-            from spo_ray.train.step import response_logits
+            from spo_ray.train.layouts import response_logits
 
             logits = response_logits(self.model, prepared)
             logps = torch.log_softmax(logits, -1).gather(-1, prepared.labels[:, None])
@@ -325,7 +325,7 @@ def token_counts(
     spo_ray's own templating of the same rows (no ChatML newline after eos)."""
     from spo_ray.data.schema import Example
     from spo_ray.data.templating import Templater
-    from spo_ray.train.step import shared_prompt_layout
+    from spo_ray.train.layouts import shared_prompt_layout
 
     padded, real, response, shared, shared_real = [], [], [], [], []
     for k in range(steps):

@@ -13,8 +13,11 @@ class ConfigError(UserError):
     """A config key that is unknown, of the wrong type, out of range, or names a missing file."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config key '{key}': {message}" if key else message)
+
+    def __reduce__(self):  # rebuilt from (key, message) when Ray or pickle carries it between processes
+        return type(self), (self.key, self.message)
 
 
 class DataError(UserError):

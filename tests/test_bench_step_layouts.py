@@ -1,6 +1,6 @@
 """The trainer step's fast forward layouts compute the same thing as the plain padded forward.
 
-`spo_ray/train/step.py` runs each prompt once with its responses behind a 4-D mask (shared-prompt
+`spo_ray/train/layouts.py` runs each prompt once with its responses behind a 4-D mask (shared-prompt
 layout) and applies the LM head only where a response token is predicted; these tests pin that the
 per-sequence log-probs, every loss's value and the gradients match the padded batch's full-logits
 forward (bench/RESULTS.md measures the speed).
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spo_ray.data import collate_preference_batch, response_logps
 from spo_ray.losses import LossParams, get_loss
-from spo_ray.train import step
+from spo_ray.train import layouts, step
 from spo_ray.train.step import StepContext, compute_step
 
 PROMPTS = ["Why does the river move?", "Tell me", "Name a color."]
@@ -67,17 +67,17 @@ def test_shared_prompt_layout_gives_the_padded_forwards_log_probs(models, packin
     tolerance = 1e-10 if policy.config._attn_implementation == "sdpa" else 1e-6
     with torch.no_grad():
         expected = response_logps(policy(**padded.model_inputs()).logits, padded)
-        for tokens in (step.response_tokens(policy, batch), step.batch_layout(batch)):
-            logits = step.response_logits(policy, tokens)
+        for tokens in (layouts.response_tokens(policy, batch), layouts.batch_layout(batch)):
+            logits = layouts.response_logits(policy, tokens)
             assert logits.shape == (int(batch.response_lengths.sum()), policy.config.vocab_size)
-            got = step.per_sequence(step.response_token_logps(logits, tokens.labels), tokens)
+            got = layouts.per_sequence(step.response_token_logps(logits, tokens.labels), tokens)
             torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
 def test_the_shared_prompt_layout_holds_each_prompt_once(models):
     policy, _, tokenizer = models
     batch = collate_preference_batch(rows_for(tokenizer, 3), tokenizer.pad_token_id)
-    tokens = step.response_tokens(policy, batch)
+    tokens = layouts.response_tokens(policy, batch)
     real = int((tokens.model_inputs["position_ids"] > 0).sum()) + len(PROMPTS)  # one position 0 per row
     prompt = int(batch.prompt_lengths.view(-1, 3)[:, 0].sum())
     assert real == prompt + int(batch.response_lengths.sum())
@@ -108,8 +108,59 @@ def test_every_offline_loss_and_its_gradient_match_the_padded_layout(models, nam
         return out.loss.item(), torch.cat([p.grad.flatten() for p in policy.parameters()])
 
     shared_loss, shared_grad = loss_and_grad()
-    monkeypatch.setattr(step, "response_tokens", lambda model, b: step.batch_layout(b))
+    monkeypatch.setattr(step, "response_tokens", lambda model, b: layouts.batch_layout(b))
     padded_loss, padded_grad = loss_and_grad()
     # Llama's RMSNorm computes in float32 even for float64 weights, so gradients agree to float32 precision
     assert shared_loss == pytest.approx(padded_loss, rel=1e-7)
     torch.testing.assert_close(shared_grad, padded_grad, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_mistral(tiny_model_dir, window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        sliding_window=window,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).double().eval(), tokenizer
+
+
+def test_a_sliding_window_shorter_than_the_sequences_falls_back_to_the_exact_padded_layout(tiny_model_dir):
+    model, tokenizer = _tiny_mistral(tiny_model_dir, window=4)  # every sequence is longer than 4 tokens
+    batch = collate_preference_batch(rows_for(tokenizer, 3), tokenizer.pad_token_id)
+    assert layouts.shared_prompt_attention(model, batch) is None
+
+    def logps(tokens):
+        logits = layouts.response_logits(model, tokens)
+        return layouts.per_sequence(step.response_token_logps(logits, tokens.labels), tokens)
+
+    with torch.no_grad():
+        expected = response_logps(model(**batch.model_inputs()).logits, batch)  # Mistral's own window mask
+        torch.testing.assert_close(
+            logps(layouts.response_tokens(model, batch)), expected, rtol=1e-10, atol=1e-10
+        )
+        # The 4-D mask would have dropped the window: the fallback is what keeps the log-probs right.
+        shared = logps(layouts.shared_prompt_layout(batch, "sdpa", torch.float64))
+    assert float((shared - expected).abs().max()) > 1e-3
+
+
+def test_a_sliding_window_wider_than_every_sequence_keeps_the_shared_prompt_layout(tiny_model_dir):
+    model, tokenizer = _tiny_mistral(tiny_model_dir, window=4096)
+    batch = collate_preference_batch(rows_for(tokenizer, 3), tokenizer.pad_token_id)
+    assert layouts.shared_prompt_attention(model, batch) == "sdpa"
+    with torch.no_grad():
+        expected = response_logps(model(**batch.model_inputs()).logits, batch)
+        tokens = layouts.response_tokens(model, batch)
+        got = layouts.per_sequence(
+            step.response_token_logps(layouts.response_logits(model, tokens), tokens.labels), tokens
+        )
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -67,23 +67,29 @@ def load_tokenizer(path: str):
 
 
 def load_policy_and_reference(
-    model_cfg, policy_dir: str, reference_dir: str | None = None, need_reference: bool = True
+    model_cfg,
+    policy_dir: str,
+    reference_dir: str | None = None,
+    need_reference: bool = True,
+    mixed_precision: bool = False,
 ):
     """(policy, reference or None, reference_mode or None).
 
-    Without LoRA the reference is a frozen copy (of `reference_dir`, or of the starting policy). With LoRA
-    (`model.lora.r > 0`) there is no copy: `reference_mode()` disables the adapter around a forward.
+    Trainable weights are float32 master weights whatever `model.dtype` says: an AdamW step of lr·g below a
+    bfloat16 weight's precision (≈ |w|/256) would round to nothing. Frozen weights keep `model.dtype`: the
+    reference, and with LoRA the base model when `mixed_precision` (bf16 autocast) can run it.
+    Without LoRA the reference is a frozen copy of `reference_dir` (default: the starting policy). With LoRA
+    (`model.lora.r > 0`) and no other reference, `reference_mode()` disables the adapter around a forward; a
+    `reference_dir` other than `policy_dir` (iterative rounds anchor the KL at π_0) loads a frozen copy.
     `need_reference=False` (nothing in the run reads the reference) loads no copy at all.
     """
-    policy = load_causal_lm(policy_dir, model_cfg.dtype)
-    if model_cfg.lora.r > 0:
-        if reference_dir and reference_dir != policy_dir:
-            raise ConfigError(
-                "model.reference_path", "with LoRA the reference is the base model; leave it empty"
-            )
+    lora = model_cfg.lora
+    base_dtype = model_cfg.dtype if lora.r > 0 and mixed_precision else "float32"
+    policy = load_causal_lm(policy_dir, base_dtype)
+    separate_reference = bool(reference_dir) and os.path.abspath(reference_dir) != os.path.abspath(policy_dir)
+    if lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
-        lora = model_cfg.lora
         policy = get_peft_model(
             policy,
             LoraConfig(
@@ -93,12 +99,10 @@ def load_policy_and_reference(
                 target_modules=list(lora.target_modules),
                 task_type="CAUSAL_LM",
             ),
+            autocast_adapter_dtype=True,  # adapters in float32 over a half-precision base
         )
-
-        def reference_mode():
-            return policy.disable_adapter()
-
-        return policy, None, reference_mode
+        if not separate_reference:
+            return policy, None, policy.disable_adapter
     if not need_reference:
         return policy, None, None
     reference = load_causal_lm(reference_dir or policy_dir, model_cfg.dtype)

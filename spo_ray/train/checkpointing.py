@@ -65,15 +65,23 @@ def save_checkpoint(
     (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
 
 
+def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Load a checkpoint's MODEL_FILE into the (unwrapped) model; every tensor name must match both ways."""
+    path = Path(directory) / MODEL_FILE
+    module = getattr(model, "module", model)
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{path} does not match the model it is loaded into: {len(missing)} missing tensors "
+            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}; was it written with another "
+            "model.path or model.lora setting?"
+        )
+
+
 def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler) -> TrainState:
     """Restore model, optimizer, scheduler and this rank's RNG; return the saved TrainState."""
     directory = Path(directory)
-    module = getattr(model, "module", model)
-    missing, unexpected = module.load_state_dict(load_file(str(directory / MODEL_FILE)), strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
-        raise RuntimeError(
-            f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    load_model_weights(model, directory)
     optim_state = torch.load(directory / "optim.pt", weights_only=False)
     optimizer.load_state_dict(optim_state["optimizer"])
     scheduler.load_state_dict(optim_state["scheduler"])
