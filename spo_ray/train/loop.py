@@ -30,13 +30,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _mean_across_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+# Metrics whose worst rank matters more than the mean: reduced with MAX instead.
+_MAX_ACROSS_RANKS = ("policy_lag",)
+
+
+def _reduce_across_ranks(metrics: dict[str, float], world_size: int, device) -> dict[str, float]:
+    """Mean over ranks (MAX for `_MAX_ACROSS_RANKS`), on the worker's device so NCCL can reduce it."""
     if world_size == 1:
         return metrics
-    keys = sorted(metrics)
-    packed = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(packed)
-    return dict(zip(keys, (packed / world_size).tolist()))
+    out = {}
+    for op, keys in (
+        (torch.distributed.ReduceOp.SUM, sorted(k for k in metrics if k not in _MAX_ACROSS_RANKS)),
+        (torch.distributed.ReduceOp.MAX, sorted(k for k in metrics if k in _MAX_ACROSS_RANKS)),
+    ):
+        if not keys:
+            continue
+        packed = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(packed, op=op)
+        scale = world_size if op == torch.distributed.ReduceOp.SUM else 1
+        out.update(zip(keys, (packed / scale).tolist()))
+    return out
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -53,8 +66,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     needs_reference = cfg.loss.kl_coef > 0 or (
         spec.needs_reference and not loop_config["ref_logps_precomputed"]
     )
+    mixed = cfg.train.precision == "bf16"
     policy, reference, reference_mode = load_policy_and_reference(
-        cfg.model, loop_config["model_dir"], loop_config["reference_dir"], need_reference=needs_reference
+        cfg.model,
+        loop_config["model_dir"],
+        loop_config["reference_dir"],
+        need_reference=needs_reference,
+        mixed_precision=mixed,
     )
     if reference is not None:
         reference.to(device)
@@ -73,17 +91,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         reference=reference,
         reference_mode=reference_mode,
         spec=spec,
-        params=LossParams(
-            alpha=cfg.loss.alpha,
-            beta=cfg.loss.beta,
-            epsilon=cfg.loss.epsilon,
-            gamma=cfg.loss.gamma,
-            eta=cfg.loss.eta,
-        ),
+        params=LossParams.from_config(cfg.loss),
         kl_coef=cfg.loss.kl_coef,
         kl_estimator=cfg.loss.kl_estimator,
         importance_clip=cfg.rollout.importance_clip,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None,
+        compute_dtype=torch.bfloat16 if mixed else None,
     )
     online = None
     if cfg.loss.kl_coef > 0 and loop_config.get("rollout_pool") is not None:
@@ -159,7 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sync_seconds=sync_time,
             stale_resamples=float(online.stale_resamples if online else 0),
         )
-        metrics = _mean_across_ranks(totals, world)
+        metrics = _reduce_across_ranks(totals, world, device)
         metrics.update(data_epoch=float(state.epoch), data_consumed=float(state.consumed_in_epoch))
         metrics["tokens_per_s"] = metrics.pop("tokens") * world / elapsed
         metrics["pairs_per_s"] = pairs_per_step / elapsed

@@ -2,8 +2,10 @@
 
 Versions: the rollout serves the weights synced after optimizer step v (version v; 0 = the start). At
 step s a sample generated from version v lags by s − v steps. With `overlap` the samples for step s+1
-are requested while step s computes, so lag is (sync_every − 1) + 1 at most; a batch whose lag exceeds
-`rollout.max_policy_lag` is thrown away and generated again (counted in `stale_resamples`).
+are requested while step s computes, so lag is (sync_every − 1) + 1 at most. The bound
+`rollout.max_policy_lag` holds on every rank: a batch that lags more is thrown away, and the sampler waits
+until the engines serve a recent enough version (rank 0 syncs it; the other ranks may get there first)
+before generating again, as often as needed (each retry counted in `stale_resamples`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
+from spo_ray.rollout.types import RolloutError
 
 
 class OnlineSampler:
@@ -54,15 +58,27 @@ class OnlineSampler:
         return samples, step - min(s.policy_version for s in samples)
 
     def get(self, step: int) -> tuple[list, float, int]:
-        """(flat samples, seconds waited, policy lag) for `step`; regenerates once if too stale."""
+        """(flat samples, seconds waited, policy lag) for `step`, with lag ≤ rollout.max_policy_lag."""
         start = time.perf_counter()
         samples, lag = self._fetch(step)
-        if lag > self.cfg.max_policy_lag:
+        while lag > self.cfg.max_policy_lag:
             self.stale_resamples += 1
+            self._wait_for_version(step - self.cfg.max_policy_lag, step, deadline=start + self.cfg.timeout_s)
             samples, lag = self._fetch(step)
         if self.cfg.overlap:
             self.request(step + 1)
         return samples, time.perf_counter() - start, lag
+
+    def _wait_for_version(self, version: int, step: int, deadline: float) -> None:
+        """Block until the rollout engines serve weights of `version` or later."""
+        while (served := self.pool.policy_version) < version:
+            if time.perf_counter() > deadline:
+                raise RolloutError(
+                    f"rank {self.rank}, step {step}: the rollout engines still serve version {served} after "
+                    f"{self.cfg.timeout_s:g} s, and rollout.max_policy_lag={self.cfg.max_policy_lag} needs "
+                    f"version {version}: rank 0 syncs every rollout.sync_every={self.cfg.sync_every} steps"
+                )
+            time.sleep(0.02)
 
     def sync(self, model, version: int) -> float:
         """Push the policy's (LoRA-merged) weights to every rollout actor; returns seconds taken."""
