@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from spo_ray.config import load_config
 from spo_ray.iterate import run_iterate
+from spo_ray.judges.synthetic_expert import SyntheticExpertTask
 
 pytestmark = pytest.mark.slow
 
@@ -96,10 +98,13 @@ def test_iterative_spo_killed_mid_round_resumes_and_improves_round_over_round(ra
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert json.loads((out / "summary.json").read_text())["rounds"] == rounds
-    for record in rounds[1:]:
+    task = SyntheticExpertTask.load(out / "task" / "task.json")
+    for previous, record in zip(rounds, rounds[1:]):
         assert record["examples"] > 32 and record["skipped"].get("identical_pair", 0) > 0
         assert record["judge_failures"] == {} and record["eval_judge_failures"] == {}
-        assert 0.0 <= record["win_rate_vs_previous"] <= 1.0
+        # the expert's mean P(ours ≻ theirs) over the two rounds' stored eval samples
+        expected = _expert_win_rate(task, record["eval_samples"], previous["eval_samples"])
+        assert record["win_rate_vs_previous"] == pytest.approx(expected, rel=1e-9)
         assert record["train_steps"] == 16
     # the reference is anti-aligned with the expert's rewards: training on its judged samples helps
     assert rounds[2]["expert_expected_reward"] > rounds[0]["expert_expected_reward"] + 0.2
@@ -112,6 +117,53 @@ def test_iterative_spo_killed_mid_round_resumes_and_improves_round_over_round(ra
     assert round_2_train["data"]["num_train"] == rounds[1]["examples"] + rounds[2]["examples"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]  # the rounds logger, one line per round
+
+
+def _read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _expert_win_rate(task, ours_path, theirs_path) -> float:
+    """Mean P(a ≻ b) of the expert over every (a, b) of the same eval prompt, recomputed from the files."""
+    probabilities = [
+        task.preference_probability(ours["prompt"][-1]["content"], a, b)
+        for ours, theirs in zip(_read_jsonl(ours_path), _read_jsonl(theirs_path))
+        for a in ours["responses"]
+        for b in theirs["responses"]
+    ]
+    return sum(probabilities) / len(probabilities)
+
+
+def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_path):
+    """Round 2 starts from round 1's merged model with a fresh adapter; its KL reference stays π_0."""
+    out = tmp_path / "lora"
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            "iterate.rounds=2",
+            "iterate.steps_per_round=3",
+            "iterate.candidates_per_prompt=8",
+            "model.lora.r=4",
+            "loss.name=spo",
+            "loss.kl_coef=0.1",
+            "train.batch_size=8",
+            "train.lr=5e-3",
+            "train.warmup_steps=0",
+            f"output.dir={out}",
+        ],
+    )
+    summary = run_iterate(cfg)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    first_steps = {
+        n: _read_jsonl(out / "rounds" / f"round_{n}" / "train" / "metrics.jsonl")[0] for n in (1, 2)
+    }
+    # Round 1 starts at π_0 (a zero adapter): no KL. Round 2 starts at π_1 and is still measured against π_0.
+    assert first_steps[1]["kl_token"] < 1e-6
+    assert first_steps[2]["kl_token"] > 1e-4
+    round_2 = json.loads((out / "rounds" / "round_2" / "train" / "config.json").read_text())
+    assert round_2["model"]["reference_path"] == str(out / "expert_reference")
+    assert round_2["model"]["path"] == summary["rounds"][1]["model"]
 
 
 def test_sppo_round_regresses_log_ratios_onto_centered_win_probabilities(ray_runtime, tmp_path):
@@ -195,5 +247,13 @@ def test_best_of_n_round_with_a_python_judge_on_a_prompt_file(
     ]
     lengths = [-abs(len(r) - 12) for s in samples for r in s["responses"]]
     assert after["expected_reward"] == pytest.approx(sum(lengths) / len(lengths))
-    assert 0.0 <= after["win_rate_vs_reference"] <= 1.0 and after["train_steps"] == 3
+    theirs = _read_jsonl(out / "rounds" / "round_0" / "eval_samples.jsonl")
+    wins = [
+        1 / (1 + math.exp(-(-abs(len(a) - 12) + abs(len(b) - 12))))  # the judge's σ(s_a − s_b)
+        for o, t in zip(samples, theirs)
+        for a in o["responses"]
+        for b in t["responses"]
+    ]
+    assert after["win_rate_vs_reference"] == pytest.approx(sum(wins) / len(wins), rel=1e-9)
+    assert after["train_steps"] == 3
     assert "expert_tv_to_target" not in after and after["judge_failures"] == {}

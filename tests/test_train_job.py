@@ -61,36 +61,19 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
     out = tmp_path / "run"
     # overlap off: samples come from exactly the weights synced after the previous step (lag 0)
     first = run_job(small_config(out, "train.max_steps=6", "rollout.overlap=false"))
-    for key in (
-        "steps",
-        "resumed_from_step",
-        "final_metrics",
-        "wall_seconds",
-        "pairs_per_second",
-        "bad_rows",
-        "expert_tv_before",
-        "expert_tv_after",
-        "entropy_before",
-        "entropy_after",
-    ):
-        assert key in first, key
     assert first["steps"] == 6 and first["resumed_from_step"] == 0
+    assert first["bad_rows"] == {} and first["data"]["num_train"] == 400
+    assert first["wall_seconds"] > 0 and first["expert_tv_after"] != first["expert_tv_before"]  # it trained
+    assert first["entropy_before"] > 0 and 0 < first["mass_on_s_after"] <= 1
     last = first["final_metrics"]
-    for key in (
-        "pref_loss",
-        "kl_k1",
-        "kl_k3",
-        "accuracy",
-        "margin",
-        "sample_entropy",
-        "policy_lag",
-        "rollout_logp_gap",
-        "tokens_per_s",
-        "pairs_per_s",
-        "data_wait_frac",
-        "gen_wait_frac",
-    ):
-        assert key in last, key
+    assert last["step"] == 6 and last["pairs_per_s"] == pytest.approx(8 / last["step_seconds"])
+    assert first["pairs_per_second"] == pytest.approx(
+        sum(r["pairs_per_s"] for r in metric_rows(out)) / 6, rel=1e-3
+    )
+    # the global KL on online samples: exact token KL and k3 are never negative; samples have tokens
+    assert last["kl_token"] >= 0 and last["kl_k3"] >= 0 and last["sample_tokens"] > 0
+    assert last["sample_entropy"] > 0 and last["pref_loss"] > 0
+    assert 0 <= last["data_wait_frac"] + last["gen_wait_frac"] <= 1
     assert last["policy_lag"] == 0
     # rollout log-probs of the sampled tokens match the trainer's: the weights really were synced
     assert last["rollout_logp_gap"] < 1e-3
@@ -218,7 +201,7 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + "\nray head: " + head_output
         assert "succeeded" in done.stdout.lower()
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["steps"] == 4 and "expert_tv_after" in summary
+        assert summary["steps"] == 4 and summary["expert_tv_after"] != summary["expert_tv_before"]
     finally:
         _stop_head(head, temp_dir)
         head_log.close()
