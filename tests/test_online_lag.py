@@ -50,5 +50,5 @@ def test_a_version_that_never_comes_is_a_clear_error_not_a_stale_batch(pool, tin
     weights = state_dict_for_sync(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     pool.sync_weights(weights, 3)
     sampler = _sampler(pool, timeout_s=2.0)
-    with pytest.raises(RolloutError, match=r"rank 1, step 5: .*serve version 3.*needs version 5"):
+    with pytest.raises(RolloutError, match=r"rank 1, step 5: .*serve version 3.*needs samples of version 5"):
         sampler.get(5)

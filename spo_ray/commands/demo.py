@@ -1,4 +1,4 @@
-"""`spo-ray demo`: the embedded default: online SPO vs DPO on the synthetic expert task, on a laptop CPU."""
+"""`spo-ray demo`: the embedded default: online SPO vs DPO (β = α, and β = 0.1) on the synthetic expert task."""
 
 from __future__ import annotations
 
@@ -23,8 +23,12 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.output_dir).resolve()
     runs = {"spo": cfg}
     if args.compare_dpo:
-        # Same data, reference and budget; DPO has no global regularizer, so it runs offline.
-        runs["dpo"] = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, name="dpo", kl_coef=0.0))
+        # Same data, reference and budget; DPO has no global regularizer, so it runs offline. At β = α both
+        # optima put the same temperature on r (softmax(r/α) vs π_ref·exp(r/β)), so only π_ref tells them
+        # apart; β = 0.1 is TRL's default.
+        for name, beta in (("dpo", cfg.loss.alpha), ("dpo_beta0.1", 0.1)):
+            dpo = dataclasses.replace(cfg.loss, name="dpo", beta=beta, kl_coef=0.0)
+            runs[name] = dataclasses.replace(cfg, loss=dpo)
     summaries = {}
     for name, run_cfg in runs.items():
         run_cfg = dataclasses.replace(
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="online SPO vs DPO on the synthetic expert task (tiny model, CPU)"
+        "demo", help="online SPO vs DPO (β = α and β = 0.1) on the synthetic expert task (tiny model, CPU)"
     )
     add_config_arguments(parser)
     parser.add_argument("--output-dir", default="outputs/demo", help="where both runs write their results")

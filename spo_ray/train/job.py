@@ -96,11 +96,11 @@ def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
 def format_expert_table(summaries: list[dict], names: list[str]) -> str:
     """A short console table: TV to softmax(r/alpha), entropy and mass on S, before -> after."""
     lines = [
-        f"{'run':<10} {'TV before':>10} {'TV after':>10} {'entropy':>16} {'mass on S':>10} {'steps':>6} {'wall s':>7}"
+        f"{'run':<12} {'TV before':>10} {'TV after':>10} {'entropy':>16} {'mass on S':>10} {'steps':>6} {'wall s':>7}"
     ]
     for name, s in zip(names, summaries):
         lines.append(
-            f"{name:<10} {s['expert_tv_before']:>10.4f} {s['expert_tv_after']:>10.4f} "
+            f"{name:<12} {s['expert_tv_before']:>10.4f} {s['expert_tv_after']:>10.4f} "
             f"{s['entropy_before']:>7.3f}->{s['entropy_after']:<7.3f} {s['mass_on_s_after']:>10.3f} "
             f"{s['steps']:>6} {s['wall_seconds']:>7.1f}"
         )

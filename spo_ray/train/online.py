@@ -70,14 +70,18 @@ class OnlineSampler:
         return samples, time.perf_counter() - start, lag
 
     def _wait_for_version(self, version: int, step: int, deadline: float) -> None:
-        """Block until the rollout engines serve weights of `version` or later."""
-        while (served := self.pool.policy_version) < version:
+        """Block until the rollout engines serve weights of `version` or later; RolloutError at `deadline`."""
+        while True:
+            served = self.pool.policy_version
             if time.perf_counter() > deadline:
                 raise RolloutError(
-                    f"rank {self.rank}, step {step}: the rollout engines still serve version {served} after "
+                    f"rank {self.rank}, step {step}: the rollout engines serve version {served} after "
                     f"{self.cfg.timeout_s:g} s, and rollout.max_policy_lag={self.cfg.max_policy_lag} needs "
-                    f"version {version}: rank 0 syncs every rollout.sync_every={self.cfg.sync_every} steps"
+                    f"samples of version {version} or later: rank 0 syncs every rollout.sync_every="
+                    f"{self.cfg.sync_every} steps"
                 )
+            if served >= version:
+                return
             time.sleep(0.02)
 
     def sync(self, model, version: int) -> float:
