@@ -9,7 +9,7 @@ import sys
 
 import spo_ray
 from spo_ray import commands
-from spo_ray.errors import UserError
+from spo_ray.errors import UserError, is_disk_full
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"spo-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(
+            f"spo-ray: error: no space left on device while writing {exc.filename or 'a file'}; free some "
+            "space and run the same command again (a training run resumes from its last complete checkpoint)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

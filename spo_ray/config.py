@@ -298,6 +298,11 @@ class LoggingConfig:
     wandb_project: str = option("spo_ray", "Weights & Biases project")
     log_every: int = option(1, "write metrics every this many steps", ge=1)
     progress: bool = option(True, "show progress bars on the console")
+    row_trace: bool = option(
+        False,
+        "write the example ids each rank trains on at every optimizer step to rows_rank<r>.jsonl "
+        "(an audit that a resumed run trains the same rows as an uninterrupted one)",
+    )
 
 
 @dataclass

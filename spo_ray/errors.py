@@ -22,3 +22,18 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A preference-data row that cannot be used; names file, line/row, field and reason."""
+
+
+class DiskFullError(UserError):
+    """A filesystem the run writes to ran out of space; the message names it and the last good checkpoint."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when `exc`, anything in its cause chain, or a worker traceback it carries says the disk is full."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) == 28 or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

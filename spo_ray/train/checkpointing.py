@@ -1,10 +1,17 @@
-"""Resumable checkpoints: model (safetensors), optimizer, scheduler, per-rank RNG, data position, policy version."""
+"""Resumable checkpoints: model (safetensors), optimizer, scheduler, per-rank RNG, data position, policy version.
+
+`CheckpointStore` is the one place that decides which checkpoint is the latest complete one: the driver
+starts the data stream from it and every worker restores its weights from it, so the two never disagree.
+A checkpoint is complete when its manifest (written last, sizes and SHA-256 of rank 0's files) verifies.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optim.pt"
+MANIFEST_FILE = "manifest.json"  # written last: its presence and matching hashes make a checkpoint complete
 
 
 @dataclass
@@ -60,9 +69,56 @@ def save_checkpoint(
         return
     save_file(trainable_state_dict(model), str(directory / MODEL_FILE))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optim.pt"
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE
     )
     (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    write_manifest(directory, state.step)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """Record size and SHA-256 of rank 0's files, then fsync and atomically rename the manifest into place."""
+    names = [MODEL_FILE, OPTIM_FILE, STATE_FILE, "rng_rank0.pt"]
+    files = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in names
+    }
+    for name in names:  # the data must be on disk before the manifest that vouches for it
+        with (directory / name).open("rb") as fh:
+            os.fsync(fh.fileno())
+    tmp = directory / (MANIFEST_FILE + ".tmp")
+    with tmp.open("w") as fh:
+        json.dump({"step": step, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(directory / MANIFEST_FILE)
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> str | None:
+    """None when `directory` is a complete checkpoint; otherwise what is missing or damaged."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (the save was cut off before it finished)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable {MANIFEST_FILE}: {exc}"
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
@@ -82,7 +138,7 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer
     """Restore model, optimizer, scheduler and this rank's RNG; return the saved TrainState."""
     directory = Path(directory)
     load_model_weights(model, directory)
-    optim_state = torch.load(directory / "optim.pt", weights_only=False)
+    optim_state = torch.load(directory / OPTIM_FILE, weights_only=False)
     optimizer.load_state_dict(optim_state["optimizer"])
     scheduler.load_state_dict(optim_state["scheduler"])
     rng_file = directory / f"rng_rank{rank}.pt"
@@ -95,14 +151,59 @@ def read_state(directory: str | os.PathLike) -> TrainState:
     return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
 
 
-def latest_checkpoint_dir(storage_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under a Ray Train run folder (by saved step), or None."""
-    best, best_step = None, -1
-    for state_file in Path(storage_dir).glob(f"**/{STATE_FILE}"):
-        try:
-            step = json.loads(state_file.read_text())["step"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if step > best_step and (state_file.parent / MODEL_FILE).exists():
-            best, best_step = state_file.parent, step
-    return best
+_CHECKPOINT_FILES = (STATE_FILE, MODEL_FILE, OPTIM_FILE, MANIFEST_FILE, MANIFEST_FILE + ".tmp")
+
+
+class CheckpointStore:
+    """The checkpoints of one run folder: which is the latest complete one, and pruning the rest.
+
+    Ray Train writes each checkpoint into its own folder under `root`; a folder counts only when its
+    manifest verifies (`checkpoint_problem`). Folders Ray never recorded (a driver killed mid-save) are
+    judged the same way, so the driver's data position and the workers' weights come from one answer.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def folders(self) -> list[Path]:
+        """Every folder under root holding checkpoint files, complete or not."""
+        if not self.root.exists():
+            return []
+        found = {p.parent for name in _CHECKPOINT_FILES for p in self.root.glob(f"**/{name}")}
+        found |= {p.parent for p in self.root.glob("**/rng_rank*.pt")}
+        return sorted(found)
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every complete checkpoint, oldest first (ties: older folder first)."""
+        done = []
+        for folder in self.folders():
+            if checkpoint_problem(folder) is None:
+                done.append((read_state(folder).step, folder.stat().st_mtime, folder))
+        return [(step, folder) for step, _, folder in sorted(done)]
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (highest step), or None when there is none."""
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def prune(self, keep: int, log=print) -> list[Path]:
+        """Delete incomplete folders and all but the newest `keep` complete ones, saying why for each.
+
+        Call only while no save is in flight into this store (before or after a run, or on rank 0 right
+        after its own save reported, which is the newest folder)."""
+        complete = self.complete()
+        kept = {folder for _, folder in complete[-keep:]}
+        removed = []
+        for folder in self.folders():
+            if folder in kept:
+                continue
+            problem = checkpoint_problem(folder)
+            reason = (
+                f"incomplete: {problem}"
+                if problem
+                else f"older than the newest {keep} (train.keep_checkpoints)"
+            )
+            log(f"removing checkpoint folder {folder} ({reason})")
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        return removed

@@ -17,8 +17,8 @@ from spo_ray.config import config_from_dict
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import load_policy_and_reference
-from spo_ray.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
-from spo_ray.train.metrics import MetricsLogger
+from spo_ray.train.checkpointing import CheckpointStore, TrainState, load_checkpoint, save_checkpoint
+from spo_ray.train.metrics import MetricsLogger, RowTrace
 from spo_ray.train.online import OnlineSampler
 from spo_ray.train.optim import build_optimizer
 from spo_ray.train.step import SampleBatch, StepContext, compute_step
@@ -79,12 +79,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     policy = ray.train.torch.prepare_model(policy, parallel_strategy=cfg.train.strategy)
     optimizer, scheduler = build_optimizer(policy, cfg.train)
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(
-                ckpt_dir, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler
-            )
+    # the same store the driver started the data stream from: never Ray's own record, which misses a
+    # checkpoint whose driver died before recording it (a restart within this run may find a newer one)
+    store = CheckpointStore(loop_config["checkpoint_root"])
+    resume_dir = store.latest()
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler)
+    if state.step < loop_config["resume_step"]:
+        raise RuntimeError(
+            f"the checkpoint the driver resumed from (step {loop_config['resume_step']}) is gone from "
+            f"{store.root}; was the output dir changed while the run started?"
+        )
 
     step_ctx = StepContext(
         policy=policy,
@@ -120,6 +125,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else None
     )
 
+    trace = RowTrace(loop_config["output_dir"], rank, state.step) if cfg.logging.row_trace else None
     batches = _batch_stream(cfg, state, loop_config["pad_token_id"], rank, world)
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     policy.train()
@@ -127,6 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step_start = time.perf_counter()
         data_wait = gen_wait = sync_time = 0.0
         totals: dict[str, float] = {}
+        step_rows: list[int] = []
         samples, lag = None, 0
         if online is not None:
             samples, gen_wait, lag = online.get(state.step)
@@ -134,6 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t0 = time.perf_counter()
             batch, epoch, consumed = next(batches)
             data_wait += time.perf_counter() - t0
+            step_rows += batch.example_ids.tolist()
             sample_batch = None
             if samples is not None:
                 share = samples[micro :: cfg.train.grad_accum]
@@ -177,9 +185,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics["pairs_per_s"] = pairs_per_step / elapsed
         if logger is not None:
             logger.log(state.step, metrics)
+        if trace is not None:
+            trace.log(state.step, step_rows)
         last = state.step == cfg.train.max_steps
         if last or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
             _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics)
+            if rank == 0:  # the folder just reported is the newest; older and torn ones go
+                store.prune(cfg.train.keep_checkpoints)
     if logger is not None:
         logger.close()
 

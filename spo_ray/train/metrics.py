@@ -50,14 +50,7 @@ class MetricsLogger:
                 )
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl_after(self.path, step)
 
     def log(self, step: int, metrics: dict) -> None:
         if self.progress is not None:
@@ -77,6 +70,55 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step` (a resumed run logs the later ones again); a torn line (a write
+    cut off by a crash or a full disk) is dropped with a note instead of failing every later resume."""
+    if not path.exists():
+        return
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            torn += 1
+            continue
+        if row is not None and row.get("step", 0) <= step:
+            kept.append(line)
+    if torn:
+        print(f"{path}: dropped {torn} unreadable line(s), cut off by a crash or a full disk", flush=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class RowTrace:
+    """`rows_rank<r>.jsonl`: the example ids this rank trained on at each optimizer step (logging.row_trace)."""
+
+    def __init__(self, output_dir: str, rank: int, start_step: int):
+        self.path = Path(output_dir) / f"rows_rank{rank}.jsonl"
+        truncate_jsonl_after(self.path, start_step)
+
+    def log(self, step: int, example_ids: list[int]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, "ids": example_ids}) + "\n")
+
+
+def read_row_trace(output_dir: str | os.PathLike, rank: int = 0) -> dict[int, list[int]]:
+    """step -> example ids of one rank's trace; the last line of a step wins."""
+    path = Path(output_dir) / f"rows_rank{rank}.jsonl"
+    return {row["step"]: row["ids"] for row in _read_jsonl(path)}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn line; the next resume drops it
+            continue
+    return rows
+
+
 def _stable_run_id(output_dir: Path) -> str:
     import hashlib
 
@@ -84,5 +126,4 @@ def _stable_run_id(output_dir: Path) -> str:
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return _read_jsonl(Path(output_dir) / "metrics.jsonl")

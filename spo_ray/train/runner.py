@@ -1,7 +1,8 @@
 """Driver side of a training run: resolve the model, stream the data, start the rollout pool, run TorchTrainer.
 
 `run_training(cfg)` is what `spo-ray train` and `jobs/train_spo.py` call. Re-running it on the same output
-dir resumes from the latest checkpoint (Ray Train restores its run state from `storage_path/name`).
+dir resumes from the latest complete checkpoint (`CheckpointStore`): the data stream starts at its position
+and every worker restores its weights from it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,10 +21,10 @@ from ray.train.torch import TorchTrainer
 
 from spo_ray.config import Config, config_to_dict
 from spo_ray.data import load_reg_prompts, prepare_preference_data, train_shards
-from spo_ray.errors import ConfigError
+from spo_ray.errors import ConfigError, DiskFullError, is_disk_full
 from spo_ray.losses import get_loss
 from spo_ray.models.loading import load_tokenizer, resolve_model_dir
-from spo_ray.train.checkpointing import latest_checkpoint_dir, read_state
+from spo_ray.train.checkpointing import CheckpointStore, read_state
 from spo_ray.train.export import export_final_model
 from spo_ray.train.loop import train_loop_per_worker
 from spo_ray.train.metrics import read_metrics
@@ -110,8 +112,12 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
         )
 
     storage = out / "checkpoints"
-    latest = latest_checkpoint_dir(storage / RUN_NAME)
+    store = CheckpointStore(storage / RUN_NAME)
+    store.prune(cfg.train.keep_checkpoints)  # folders a killed run left half-written go first
+    latest = store.latest()
     position = read_state(latest) if latest else None
+    if latest:
+        print(f"resuming from {latest} (step {position.step})", flush=True)
     start = {
         "epoch": position.epoch if position else 0,
         "consumed": position.consumed_in_epoch if position else 0,
@@ -146,6 +152,8 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 "rollout_pool": pool,
                 "reg_prompts": reg_prompts,
                 "ref_logps_precomputed": bool(precomputed),
+                "checkpoint_root": str(store.root),
+                "resume_step": position.step if position else 0,
             },
             scaling_config=ScalingConfig(
                 num_workers=world,
@@ -155,7 +163,8 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
             run_config=RunConfig(
                 name=RUN_NAME,
                 storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                # CheckpointStore prunes (it also sees folders Ray never recorded); Ray keeps every one it did
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             ),
             datasets=shards,
@@ -166,10 +175,13 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
         if pool is not None and pool is not rollout_pool:
             pool.shutdown()
     if result.error:
+        if is_disk_full(result.error):
+            raise disk_full_error(out, store) from result.error
         raise result.error
-    with result.checkpoint.as_directory() as ckpt_dir:
-        final_state = read_state(ckpt_dir)
-        export_final_model(cfg.model, model_dir, ckpt_dir, out / "final")
+    final_dir = store.latest()
+    final_state = read_state(final_dir)
+    export_final_model(cfg.model, model_dir, final_dir, out / "final")
+    store.prune(cfg.train.keep_checkpoints)
 
     metrics = read_metrics(out)
     wall = time.perf_counter() - started
@@ -188,3 +200,19 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def disk_full_error(out: Path, store: CheckpointStore) -> DiskFullError:
+    """One message for a full disk: which filesystem, how much is free, and where a re-run resumes."""
+    usage = shutil.disk_usage(out)
+    latest = store.latest()
+    resume = (
+        f"the last complete checkpoint is {latest} (step {read_state(latest).step}); "
+        if latest
+        else "no complete checkpoint was written, so a re-run starts from step 0; "
+    )
+    return DiskFullError(
+        f"no space left on the filesystem holding {out} ({usage.free / 2**20:.1f} MiB free of "
+        f"{usage.total / 2**20:.1f} MiB). {resume}free some space (or lower train.keep_checkpoints) and run "
+        "the same command again to resume"
+    )
