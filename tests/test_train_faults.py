@@ -1,0 +1,76 @@
+"""A run killed anywhere resumes with no row repeated or skipped: the driver is SIGKILLed (with every process it
+started) at chosen moments, re-run each time, and the finished run's rows are compared with an uninterrupted one.
+
+`make chaos` runs more trials at random moments (CHAOS_TRIALS, CHAOS_SEED).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from faults import MOMENTS, checkpoint_folders, run_until
+
+from spo_ray.train.checkpointing import CheckpointStore, checkpoint_problem, read_state
+from spo_ray.train.metrics import read_row_trace
+
+pytestmark = pytest.mark.slow
+
+STEPS, KEEP = 12, 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_until(out, None, out / "runs.log")
+    assert result["summary"]["steps"] == STEPS
+    rows = read_row_trace(out)
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    return rows
+
+
+def assert_nothing_lost(out, reference_rows, kills):
+    rows = read_row_trace(out)
+    differing = [step for step in range(1, STEPS + 1) if rows.get(step) != reference_rows[step]]
+    assert not differing, (
+        f"after kills {kills}, steps {differing} trained other rows than the uninterrupted run "
+        f"(first: step {differing[0]}: {rows.get(differing[0])} vs {reference_rows[differing[0]]})"
+    )
+    folders = checkpoint_folders(out)
+    assert len(folders) <= KEEP, f"{len(folders)} checkpoint folders remain with keep_checkpoints={KEEP}: {folders}"
+    assert all(checkpoint_problem(folder) is None for folder in folders)
+    assert read_state(CheckpointStore(out / "checkpoints" / "ray_train").latest()).step == STEPS
+
+
+def run_with_kills(out, moments):
+    kills = []
+    for moment in moments:
+        result = run_until(out, moment, out / "runs.log")
+        if not result["killed"]:  # the run finished before the moment came: nothing more to interrupt
+            break
+        kills.append((moment, result["step"]))
+    final = run_until(out, None, out / "runs.log")
+    assert final["summary"]["steps"] == STEPS
+    return kills, final["summary"]
+
+
+def test_driver_killed_around_checkpoints_resumes_on_exactly_the_uninterrupted_rows(uninterrupted_rows, tmp_path):
+    # right after a checkpoint folder appears (Ray has not recorded it), between checkpoints, and once more
+    moments = ["checkpoint_folder_appeared", "mid_step", "checkpoint_folder_appeared"]
+    kills, summary = run_with_kills(tmp_path, moments)
+    assert len(kills) == 3, kills
+    assert summary["resumed_from_step"] > 0
+    assert_nothing_lost(tmp_path, uninterrupted_rows, kills)
+
+
+@pytest.mark.skipif(not os.environ.get("CHAOS_TRIALS"), reason="make chaos: CHAOS_TRIALS random kill sequences")
+def test_chaos_random_kill_sequences_lose_nothing(uninterrupted_rows, tmp_path):
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "0")))
+    for trial in range(int(os.environ["CHAOS_TRIALS"])):
+        out = tmp_path / f"trial{trial}"
+        out.mkdir()
+        moments = [rng.choice(sorted(MOMENTS)) for _ in range(rng.randint(1, 4))]
+        kills, _ = run_with_kills(out, moments)
+        assert_nothing_lost(out, uninterrupted_rows, kills)
+        print(f"trial {trial}: kills {kills}: every step's rows match the uninterrupted run", flush=True)
