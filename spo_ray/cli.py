@@ -34,17 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
+        _stop_ray()
         print(f"spo-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         if not is_disk_full(exc):
             raise
+        _stop_ray()
         print(
             f"spo-ray: error: no space left on device while writing {exc.filename or 'a file'}; free some "
             "space and run the same command again (a training run resumes from its last complete checkpoint)",
             file=sys.stderr,
         )
         return 2
+
+
+def _stop_ray() -> None:
+    """Shut a runtime this command started down first, so Ray's forwarded logs end before the error line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

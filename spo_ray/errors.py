@@ -30,10 +30,14 @@ class DiskFullError(UserError):
 
 def is_disk_full(exc: BaseException | None) -> bool:
     """True when `exc`, anything in its cause chain, or a worker traceback it carries says the disk is full."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    seen, pending = set(), [exc]
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
         seen.add(id(exc))
         if getattr(exc, "errno", None) == 28 or "No space left on device" in str(exc):
             return True
-        exc = exc.__cause__ or exc.__context__
+        # Ray Train's WorkerGroupError carries each failed worker's exception
+        pending += [exc.__cause__, exc.__context__, *getattr(exc, "worker_failures", {}).values()]
     return False

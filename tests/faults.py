@@ -39,7 +39,15 @@ FAULT_RUN = [
 
 def train_command(out_dir: Path, *extra: str) -> list[str]:
     sets = [arg for setting in [*FAULT_RUN, *extra] for arg in ("--set", setting)]
-    return [SPO_RAY, "train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--output-dir", str(out_dir), *sets]
+    return [
+        SPO_RAY,
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "--output-dir",
+        str(out_dir),
+        *sets,
+    ]
 
 
 def checkpoint_folders(out_dir: Path) -> list[Path]:

@@ -6,8 +6,10 @@ started) at chosen moments, re-run each time, and the finished run's rows are co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import subprocess
 
 import pytest
 from faults import MOMENTS, checkpoint_folders, run_until
@@ -38,7 +40,9 @@ def assert_nothing_lost(out, reference_rows, kills):
         f"(first: step {differing[0]}: {rows.get(differing[0])} vs {reference_rows[differing[0]]})"
     )
     folders = checkpoint_folders(out)
-    assert len(folders) <= KEEP, f"{len(folders)} checkpoint folders remain with keep_checkpoints={KEEP}: {folders}"
+    assert len(folders) <= KEEP, (
+        f"{len(folders)} checkpoint folders remain with keep_checkpoints={KEEP}: {folders}"
+    )
     assert all(checkpoint_problem(folder) is None for folder in folders)
     assert read_state(CheckpointStore(out / "checkpoints" / "ray_train").latest()).step == STEPS
 
@@ -55,7 +59,9 @@ def run_with_kills(out, moments):
     return kills, final["summary"]
 
 
-def test_driver_killed_around_checkpoints_resumes_on_exactly_the_uninterrupted_rows(uninterrupted_rows, tmp_path):
+def test_driver_killed_around_checkpoints_resumes_on_exactly_the_uninterrupted_rows(
+    uninterrupted_rows, tmp_path
+):
     # right after a checkpoint folder appears (Ray has not recorded it), between checkpoints, and once more
     moments = ["checkpoint_folder_appeared", "mid_step", "checkpoint_folder_appeared"]
     kills, summary = run_with_kills(tmp_path, moments)
@@ -64,7 +70,9 @@ def test_driver_killed_around_checkpoints_resumes_on_exactly_the_uninterrupted_r
     assert_nothing_lost(tmp_path, uninterrupted_rows, kills)
 
 
-@pytest.mark.skipif(not os.environ.get("CHAOS_TRIALS"), reason="make chaos: CHAOS_TRIALS random kill sequences")
+@pytest.mark.skipif(
+    not os.environ.get("CHAOS_TRIALS"), reason="make chaos: CHAOS_TRIALS random kill sequences"
+)
 def test_chaos_random_kill_sequences_lose_nothing(uninterrupted_rows, tmp_path):
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "0")))
     for trial in range(int(os.environ["CHAOS_TRIALS"])):
@@ -74,3 +82,59 @@ def test_chaos_random_kill_sequences_lose_nothing(uninterrupted_rows, tmp_path):
         kills, _ = run_with_kills(out, moments)
         assert_nothing_lost(out, uninterrupted_rows, kills)
         print(f"trial {trial}: kills {kills}: every step's rows match the uninterrupted run", flush=True)
+
+
+@contextlib.contextmanager
+def small_filesystem(mount_point, size_bytes):
+    """A real tmpfs of `size_bytes` at `mount_point` (needs root with CAP_SYS_ADMIN); skips the test otherwise."""
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'}): no full-disk test"
+        )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_stops_with_one_message_then_the_same_command_resumes(uninterrupted_rows, tmp_path):
+    reference = (
+        tmp_path.parent / "uninterrupted0"
+    )  # the fixture's run: how much a run writes before its first save
+    checkpoint_bytes = max(
+        sum(f.stat().st_size for f in folder.iterdir()) for folder in checkpoint_folders(reference)
+    )
+    before_first_save = sum(
+        sum(f.stat().st_size for f in (reference / name).rglob("*") if f.is_file())
+        for name in ("tiny_model", "expert_reference", "task", "data")
+    )
+    # room for what comes before training and one and a half checkpoints: the second save runs out of space
+    size = before_first_save + int(1.5 * checkpoint_bytes) + (1 << 20)
+    with small_filesystem(tmp_path / "fs", size) as fs:
+        out = fs / "run"
+        log = tmp_path / "runs.log"
+        with pytest.raises(AssertionError, match="run exited 2") as failed:
+            run_until(out, None, log)
+        console = log.read_text()
+        message = [line for line in console.splitlines() if line.startswith("spo-ray: error:")]
+        assert len(message) == 1, console[-3000:]
+        store = CheckpointStore(out / "checkpoints" / "ray_train")
+        latest = store.latest()
+        assert latest is not None and read_state(latest).step == 2, failed.value
+        assert f"no space left on the filesystem holding {out}" in message[0]
+        assert f"the last complete checkpoint is {latest} (step 2)" in message[0]
+        assert console.rstrip().splitlines()[-1] == message[0], (
+            "the message is not the last thing the user sees"
+        )
+
+        # free the space the run needs (the test's filesystem grows: the user deleted something), same command
+        subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(fs)], check=True)
+        final = run_until(out, None, log)
+        assert final["summary"]["resumed_from_step"] == 2 and final["summary"]["steps"] == STEPS
+        assert_nothing_lost(out, uninterrupted_rows, kills=["disk full at the step-4 save"])

@@ -75,6 +75,30 @@ def save_checkpoint(
     write_manifest(directory, state.step)
 
 
+def checkpoint_bytes(model: torch.nn.Module, optimizer) -> int:
+    """About what `save_checkpoint` writes: the model's full state plus the optimizer's tensors."""
+    module = getattr(model, "module", model)
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    moments = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    return weights + moments
+
+
+def space_shortfall(directory: str | os.PathLike, needed: int) -> str | None:
+    """None when the filesystem holding `directory` has room for `needed` bytes (plus 5% and 1 MiB)."""
+    directory = Path(directory)
+    while not directory.exists():
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    if free >= needed * 1.05 + (1 << 20):
+        return None
+    return f"a checkpoint needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

@@ -17,7 +17,14 @@ from spo_ray.config import config_from_dict
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import load_policy_and_reference
-from spo_ray.train.checkpointing import CheckpointStore, TrainState, load_checkpoint, save_checkpoint
+from spo_ray.train.checkpointing import (
+    CheckpointStore,
+    TrainState,
+    checkpoint_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    space_shortfall,
+)
 from spo_ray.train.metrics import MetricsLogger, RowTrace
 from spo_ray.train.online import OnlineSampler
 from spo_ray.train.optim import build_optimizer
@@ -52,7 +59,7 @@ def _reduce_across_ranks(metrics: dict[str, float], world_size: int, device) -> 
     return out
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict) -> dict | None:
     """Run SPO (or any registry loss) on this worker's shard; rank 0 logs, syncs and checkpoints."""
     cfg = config_from_dict(loop_config["config"])
     ray.data.DataContext.get_current().enable_progress_bars = False  # one progress bar: the training one
@@ -128,6 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trace = RowTrace(loop_config["output_dir"], rank, state.step) if cfg.logging.row_trace else None
     batches = _batch_stream(cfg, state, loop_config["pad_token_id"], rank, world)
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    stopped = None  # why the loop stopped before train.max_steps; rank 0's value reaches the driver
     policy.train()
     while state.step < cfg.train.max_steps:
         step_start = time.perf_counter()
@@ -189,11 +197,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trace.log(state.step, step_rows)
         last = state.step == cfg.train.max_steps
         if last or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+            shortfall = _disk_shortfall(rank, store, policy, optimizer, logger, trace)
+            if _on_any_rank(shortfall is not None, world, device):  # every rank stops at this same step
+                stopped = {"disk_full": shortfall or "another rank could not write its files"}
+                break
             _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics)
             if rank == 0:  # the folder just reported is the newest; older and torn ones go
                 store.prune(cfg.train.keep_checkpoints)
     if logger is not None:
         logger.close()
+    return stopped
+
+
+def _disk_shortfall(rank, store, policy, optimizer, logger, trace) -> str | None:
+    """What says the disk is full before this checkpoint: a failed metrics/trace write, or too little room."""
+    writers = [w for w in (logger, trace) if w is not None]
+    failed = next((w.write_error for w in writers if w.write_error), None)
+    if failed or rank != 0:
+        return failed
+    return space_shortfall(store.root, checkpoint_bytes(policy, optimizer))
+
+
+def _on_any_rank(flag: bool, world_size: int, device) -> bool:
+    if world_size == 1:
+        return flag
+    packed = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+    return bool(packed.item())
 
 
 def _batch_stream(cfg, state: TrainState, pad_token_id: int, rank: int, world: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,9 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
+        self.write_error: str | None = (
+            None  # set when the disk filled up; the loop stops at its next checkpoint
+        )
         self.log_every = logging_cfg.log_every
         self.progress = (
             tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
@@ -58,8 +62,7 @@ class MetricsLogger:
             self.progress.set_postfix({k: f"{metrics[k]:.4g}" for k in PROGRESS_KEYS if k in metrics})
         if step % self.log_every:
             return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.write_error = self.write_error or append_line(self.path, json.dumps({"step": step, **metrics}))
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
@@ -98,9 +101,24 @@ class RowTrace:
         self.path = Path(output_dir) / f"rows_rank{rank}.jsonl"
         truncate_jsonl_after(self.path, start_step)
 
+        self.write_error: str | None = None
+
     def log(self, step: int, example_ids: list[int]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"step": step, "ids": example_ids}) + "\n")
+        self.write_error = self.write_error or append_line(
+            self.path, json.dumps({"step": step, "ids": example_ids})
+        )
+
+
+def append_line(path: Path, line: str) -> str | None:
+    """Append one line; on a full disk return what failed instead of raising (other errors raise)."""
+    try:
+        with path.open("a") as fh:
+            fh.write(line + "\n")
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return f"writing {path}: {exc.strerror}"
+    return None
 
 
 def read_row_trace(output_dir: str | os.PathLike, rank: int = 0) -> dict[int, list[int]]:

@@ -171,13 +171,18 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
             dataset_config=DataConfig(datasets_to_split=[]),
         )
         result = trainer.fit()
+    except Exception as exc:
+        if is_disk_full(exc):  # one message instead of each retry's traceback
+            raise disk_full_error(
+                out, store, f"a write failed with {shutil.disk_usage(out).free / 2**20:.1f} MiB free"
+            ) from exc
+        raise
     finally:
         if pool is not None and pool is not rollout_pool:
             pool.shutdown()
-    if result.error:
-        if is_disk_full(result.error):
-            raise disk_full_error(out, store) from result.error
-        raise result.error
+    stopped = result.return_value or {}  # rank 0's: the workers stopped together before a save
+    if stopped.get("disk_full"):
+        raise disk_full_error(out, store, stopped["disk_full"])
     final_dir = store.latest()
     final_state = read_state(final_dir)
     export_final_model(cfg.model, model_dir, final_dir, out / "final")
@@ -202,7 +207,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     return summary
 
 
-def disk_full_error(out: Path, store: CheckpointStore) -> DiskFullError:
+def disk_full_error(out: Path, store: CheckpointStore, what: str) -> DiskFullError:
     """One message for a full disk: which filesystem, how much is free, and where a re-run resumes."""
     usage = shutil.disk_usage(out)
     latest = store.latest()
@@ -212,7 +217,7 @@ def disk_full_error(out: Path, store: CheckpointStore) -> DiskFullError:
         else "no complete checkpoint was written, so a re-run starts from step 0; "
     )
     return DiskFullError(
-        f"no space left on the filesystem holding {out} ({usage.free / 2**20:.1f} MiB free of "
-        f"{usage.total / 2**20:.1f} MiB). {resume}free some space (or lower train.keep_checkpoints) and run "
+        f"no space left on the filesystem holding {out} ({usage.total / 2**20:.1f} MiB in all): {what}. "
+        f"{resume}free some space (or lower train.keep_checkpoints) and run "
         "the same command again to resume"
     )
