@@ -53,7 +53,7 @@ def test_a_checkpoint_cut_off_by_a_full_disk_is_refused_and_pruned(tiny_model_di
     shutil.copytree(store.root / "checkpoint_a", store.root / "checkpoint_c")
     state = json.loads((store.root / "checkpoint_c" / "train_state.json").read_text())
     (store.root / "checkpoint_c" / "train_state.json").write_text(
-        json.dumps({**state, "step": 20})
+        json.dumps({**state, "step": 20}, indent=1)
     )  # 10 -> 20
     assert "train_state.json does not match its SHA-256" in checkpoint_problem(store.root / "checkpoint_c")
     # a save cut off before its manifest
