@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs/demo
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test chaos lint format bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# Fault injection beyond the suite's fixed kills: CHAOS_TRIALS sequences of 1-4 SIGKILLs of the driver at
+# random moments (data preparation, a checkpoint folder appearing, a save finished, between checkpoints).
+chaos: setup
+	CHAOS_TRIALS=$${CHAOS_TRIALS:-10} CHAOS_SEED=$${CHAOS_SEED:-0} $(PY) -m pytest tests/test_train_faults.py -k chaos -s -q
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
