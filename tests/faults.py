@@ -51,7 +51,7 @@ def train_command(out_dir: Path, *extra: str) -> list[str]:
 
 
 def checkpoint_folders(out_dir: Path) -> list[Path]:
-    return CheckpointStore(out_dir / "checkpoints" / "ray_train").folders()
+    return CheckpointStore(out_dir / "checkpoints").folders()
 
 
 def _last_step(out_dir: Path) -> int:

@@ -75,10 +75,10 @@ def test_iterative_spo_killed_mid_round_resumes_and_improves_round_over_round(ra
     args = [sys.executable, "-m", "spo_ray.cli", "iterate"] + [a for o in overrides for a in ("--set", o)]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = out / "rounds" / "round_1" / "train" / "checkpoints" / "ray_train"
+    checkpoints = out / "rounds" / "round_1" / "train" / "checkpoints"
     deadline = time.monotonic() + 420
     try:
-        while not any(checkpoints.glob("checkpoint_*")) and driver.poll() is None:
+        while not any(checkpoints.glob("*/checkpoint_*")) and driver.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint of round 1 appeared in time"
             time.sleep(0.5)
         assert driver.poll() is None, "the iterate run ended before it could be killed mid-round"

@@ -125,8 +125,11 @@ def write_manifest(directory: Path, step: int) -> None:
     tmp.replace(directory / MANIFEST_FILE)
 
 
-def checkpoint_problem(directory: str | os.PathLike) -> str | None:
-    """None when `directory` is a complete checkpoint; otherwise what is missing or damaged."""
+def checkpoint_problem(directory: str | os.PathLike, hashes: bool = True) -> str | None:
+    """None when `directory` is a complete checkpoint; otherwise what is missing or damaged.
+
+    `hashes=False` checks the manifest and the sizes only (a save cut off), not the SHA-256 (a damaged file):
+    reading every byte is what the driver does once per run, not what each worker repeats after each save."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
@@ -140,7 +143,7 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(path) != expected["sha256"]:
+        if hashes and _sha256(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     return None
 
@@ -181,13 +184,14 @@ _CHECKPOINT_FILES = (STATE_FILE, MODEL_FILE, OPTIM_FILE, MANIFEST_FILE, MANIFEST
 class CheckpointStore:
     """The checkpoints of one run folder: which is the latest complete one, and pruning the rest.
 
-    Ray Train writes each checkpoint into its own folder under `root`; a folder counts only when its
+    Ray Train writes each checkpoint into its own folder under `root/<ray run>/`; a folder counts only when its
     manifest verifies (`checkpoint_problem`). Folders Ray never recorded (a driver killed mid-save) are
     judged the same way, so the driver's data position and the workers' weights come from one answer.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, hashes: bool = True):
         self.root = Path(root)
+        self.hashes = hashes  # False: sizes only (see checkpoint_problem)
 
     def folders(self) -> list[Path]:
         """Every folder under root holding checkpoint files, complete or not."""
@@ -201,7 +205,7 @@ class CheckpointStore:
         """(step, folder) of every complete checkpoint, oldest first (ties: older folder first)."""
         done = []
         for folder in self.folders():
-            if checkpoint_problem(folder) is None:
+            if checkpoint_problem(folder, self.hashes) is None:
                 done.append((read_state(folder).step, folder.stat().st_mtime, folder))
         return [(step, folder) for step, _, folder in sorted(done)]
 
@@ -221,7 +225,7 @@ class CheckpointStore:
         for folder in self.folders():
             if folder in kept:
                 continue
-            problem = checkpoint_problem(folder)
+            problem = checkpoint_problem(folder, self.hashes)
             reason = (
                 f"incomplete: {problem}"
                 if problem
@@ -231,3 +235,10 @@ class CheckpointStore:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
         return removed
+
+    def remove_finished_runs(self, current: str | None = None) -> None:
+        """Delete the folders of earlier Ray runs (one per driver start) that no longer hold a checkpoint."""
+        holding = {folder.relative_to(self.root).parts[0] for folder in self.folders()}
+        for run in self.root.iterdir() if self.root.exists() else []:
+            if run.is_dir() and run.name not in holding and run.name != current:
+                shutil.rmtree(run, ignore_errors=True)

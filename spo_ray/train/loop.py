@@ -22,6 +22,7 @@ from spo_ray.train.checkpointing import (
     TrainState,
     checkpoint_bytes,
     load_checkpoint,
+    read_state,
     save_checkpoint,
     space_shortfall,
 )
@@ -86,17 +87,16 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     policy = ray.train.torch.prepare_model(policy, parallel_strategy=cfg.train.strategy)
     optimizer, scheduler = build_optimizer(policy, cfg.train)
     state = TrainState()
-    # the same store the driver started the data stream from: never Ray's own record, which misses a
-    # checkpoint whose driver died before recording it (a restart within this run may find a newer one)
-    store = CheckpointStore(loop_config["checkpoint_root"])
-    resume_dir = store.latest()
+    # the checkpoint the driver's CheckpointStore chose and started the data stream from, never Ray's own
+    # record (it misses a save whose driver died before recording it); a restart of the worker group within
+    # this run resumes from a newer save of the same store (sizes checked; the driver verified the hashes)
+    store = CheckpointStore(loop_config["checkpoint_root"], hashes=False)
+    resume_dir = loop_config["resume_from"]
+    newest = store.latest()
+    if newest is not None and (resume_dir is None or read_state(newest).step > read_state(resume_dir).step):
+        resume_dir = newest
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler)
-    if state.step < loop_config["resume_step"]:
-        raise RuntimeError(
-            f"the checkpoint the driver resumed from (step {loop_config['resume_step']}) is gone from "
-            f"{store.root}; was the output dir changed while the run started?"
-        )
 
     step_ctx = StepContext(
         policy=policy,

@@ -112,8 +112,9 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
         )
 
     storage = out / "checkpoints"
-    store = CheckpointStore(storage / RUN_NAME)
+    store = CheckpointStore(storage)
     store.prune(cfg.train.keep_checkpoints)  # folders a killed run left half-written go first
+    store.remove_finished_runs()
     latest = store.latest()
     position = read_state(latest) if latest else None
     if latest:
@@ -153,7 +154,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 "reg_prompts": reg_prompts,
                 "ref_logps_precomputed": bool(precomputed),
                 "checkpoint_root": str(store.root),
-                "resume_step": position.step if position else 0,
+                "resume_from": str(latest) if latest else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=world,
@@ -161,7 +162,9 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 resources_per_worker={"CPU": cfg.train.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=RUN_NAME,
+                # a new Ray run per driver start: Ray's own record of an earlier one may name a checkpoint
+                # the store pruned (Ray refuses to start then); the store reads every run's folders
+                name=f"{RUN_NAME}_{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=str(storage),
                 # CheckpointStore prunes (it also sees folders Ray never recorded); Ray keeps every one it did
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -187,6 +190,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     final_state = read_state(final_dir)
     export_final_model(cfg.model, model_dir, final_dir, out / "final")
     store.prune(cfg.train.keep_checkpoints)
+    store.remove_finished_runs()
 
     metrics = read_metrics(out)
     wall = time.perf_counter() - started
