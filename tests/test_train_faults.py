@@ -75,6 +75,9 @@ def test_driver_killed_around_checkpoints_resumes_on_exactly_the_uninterrupted_r
 @pytest.mark.skipif(
     not os.environ.get("CHAOS_TRIALS"), reason="make chaos: CHAOS_TRIALS random kill sequences"
 )
+@pytest.mark.timeout(
+    900 * int(os.environ.get("CHAOS_TRIALS") or 1)
+)  # up to 5 runs of about a minute per trial
 def test_chaos_random_kill_sequences_lose_nothing(uninterrupted_rows, tmp_path):
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "0")))
     for trial in range(int(os.environ["CHAOS_TRIALS"])):

@@ -168,9 +168,13 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer
     optim_state = torch.load(directory / OPTIM_FILE, weights_only=False)
     optimizer.load_state_dict(optim_state["optimizer"])
     scheduler.load_state_dict(optim_state["scheduler"])
-    rng_file = directory / f"rng_rank{rank}.pt"
-    if rng_file.exists():
+    rng_file = directory / f"rng_rank{rank}.pt"  # ranks > 0 are not in rank 0's manifest: may be cut off
+    try:
         restore_rng(torch.load(rng_file, weights_only=False))
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 (only dropout and sampling seeds are at stake, not the data position)
+        print(f"{rng_file}: unreadable ({exc}); rank {rank} continues with fresh random state", flush=True)
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))
 
 
