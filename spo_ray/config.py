@@ -71,7 +71,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = option(
-        [], "preference data: JSONL/JSON/Parquet files, globs, save_to_disk folders"
+        [], "preference data: JSONL/JSON/Parquet/CSV files, globs, folders, save_to_disk folders"
     )
     eval_files: list[str] = option([], "held-out preference data; empty means split by eval_fraction")
     eval_fraction: float = option(

@@ -94,8 +94,8 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     reference_dir = cfg.model.reference_path or model_dir
     tokenizer = load_tokenizer(model_dir)
     prepared = prepare_preference_data(cfg.data, model_dir, str(out))
-    if prepared.truncation_note():
-        print(prepared.truncation_note(), flush=True)
+    for note in prepared.notes():  # what was cut, skipped or not read: nothing is dropped without a word
+        print(note, flush=True)
     spec = get_loss(cfg.loss.name)
     precomputed = cfg.train.precompute_ref_logps and spec.needs_reference
     if precomputed:
