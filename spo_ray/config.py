@@ -145,6 +145,10 @@ class TrainConfig:
     num_workers: int = option(1, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = option(False, "one GPU per worker; DDP over NCCL instead of gloo")
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved by each training worker", gt=0)
+    cluster_autoscales: bool = option(
+        False,
+        "the cluster adds nodes on demand: a run bigger than the cluster warns and waits instead of being refused",
+    )
     strategy: Literal["ddp", "fsdp"] = option("ddp", "data parallelism: DDP, or FSDP (GPU)")
     precision: Literal["fp32", "bf16"] = option(
         "fp32",
