@@ -45,7 +45,7 @@ def ensure_project_python() -> None:
     except ImportError as exc:
         missing = exc.name
     python = None if os.environ.get(REEXEC_FLAG) else cluster_python()
-    if python is None or os.path.realpath(python) == os.path.realpath(sys.executable):
+    if python is None or python == sys.executable:  # (a venv python resolves to its base: compare unresolved)
         sys.exit(
             f"{sys.argv[0]}: {sys.executable} has no module '{missing}', and the Ray cluster's own python "
             f"was not found. The job's `python` is the first one on PATH when `ray start` ran: start the head with "

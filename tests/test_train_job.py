@@ -166,6 +166,8 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
