@@ -71,7 +71,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = option(
-        [], "preference data: JSONL/JSON/Parquet files, globs, save_to_disk folders"
+        [], "preference data: JSONL/JSON/Parquet/CSV files, globs, folders, save_to_disk folders"
     )
     eval_files: list[str] = option([], "held-out preference data; empty means split by eval_fraction")
     eval_fraction: float = option(
@@ -145,6 +145,10 @@ class TrainConfig:
     num_workers: int = option(1, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = option(False, "one GPU per worker; DDP over NCCL instead of gloo")
     cpus_per_worker: float = option(1.0, "Ray CPUs reserved by each training worker", gt=0)
+    cluster_autoscales: bool = option(
+        False,
+        "the cluster adds nodes on demand: a run bigger than the cluster warns and waits instead of being refused",
+    )
     strategy: Literal["ddp", "fsdp"] = option("ddp", "data parallelism: DDP, or FSDP (GPU)")
     precision: Literal["fp32", "bf16"] = option(
         "fp32",

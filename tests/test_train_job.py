@@ -136,10 +136,13 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
 
 
 def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
+    """The README's command as written, on a head started with a PATH that lacks the project's venv: the
+    job's `python` is then another interpreter, and jobs/train_spo.py re-runs with the cluster's own."""
     bin_dir = Path(sys.executable).parent
+    other_dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != bin_dir]
     env = {
         **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": os.pathsep.join(other_dirs),
         "RAY_USAGE_STATS_ENABLED": "0",
         # Ray >= 2.5x clusters use token auth; the head writes ~/.ray/auth_token, the job CLI reads it
         "RAY_AUTH_MODE": "token",
@@ -163,6 +166,8 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ],
@@ -200,6 +205,7 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         head_output = (tmp_path / "ray_head.log").read_text()[-2000:]
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + "\nray head: " + head_output
         assert "succeeded" in done.stdout.lower()
+        assert f"re-running with {bin_dir / 'python'}" in done.stdout  # `python` was not the venv's
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 4 and summary["expert_tv_after"] != summary["expert_tv_before"]
     finally:

@@ -35,7 +35,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "paths", nargs="+", metavar="PATH", help="JSONL/JSON/Parquet files, globs, or folders"
+        "paths", nargs="+", metavar="PATH", help="JSONL/JSON/Parquet/CSV files, globs, or folders"
     )
     parser.add_argument(
         "--format", default="auto", choices=("auto", *FORMATS), help="row format (default: detected per row)"

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from spo_ray.data.pipeline import ROWS_PER_CHUNK, peek_num_responses
 from spo_ray.data.processing import TOKENIZE_BATCH, Problem, check_count, iter_examples
 from spo_ray.data.schema import Example, RowProblem
-from spo_ray.data.sources import Chunk, RawRow, iter_chunk_rows, plan_chunks, resolve_sources
+from spo_ray.data.sources import (
+    Chunk,
+    RawRow,
+    Source,
+    iter_chunk_rows,
+    plan_chunks,
+    resolve_sources,
+    unread_files,
+)
 from spo_ray.data.templating import Templater
 
 _KEEP_PROBLEMS = 1000
@@ -27,6 +35,8 @@ class ValidationReport:
     lengths_checked: bool = False  # with a tokenizer only: rows are templated and measured
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    empty_files: list[str] = field(default_factory=list)  # files no row was read from
+    unread_files: list[str] = field(default_factory=list)  # files in the given folders that are not read
 
     def add(self, raw: RawRow, problem: RowProblem, chunk: Chunk) -> None:
         """Count a bad row; keep its problem (up to the first thousand)."""
@@ -47,6 +57,13 @@ class ValidationReport:
                 "lengths: not checked (no --tokenizer); give the model folder to template the rows and see "
                 "what data.max_length would cut or refuse"
             )
+        lines += [
+            f"no rows in {path} (empty, blank lines, a CSV header only or [])" for path in self.empty_files
+        ]
+        lines += [
+            f"not read: {path} (only .jsonl, .ndjson, .json, .parquet and .csv files are)"
+            for path in self.unread_files
+        ]
         first = sorted(self.problems, key=lambda p: p.order)[:limit]
         if first:
             lines.append(f"first {len(first)} problems:")
@@ -54,8 +71,8 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _chunks(paths: list[str]) -> list[Chunk]:
-    return plan_chunks(resolve_sources(paths, "PATH"), ROWS_PER_CHUNK, "train")
+def _chunks(sources: list[Source]) -> list[Chunk]:
+    return plan_chunks(sources, ROWS_PER_CHUNK, "train")
 
 
 def _in_order(chunk: Chunk, pending: list[tuple[RawRow, Example | RowProblem]], templater: Templater | None):
@@ -98,10 +115,13 @@ def validate_paths(
     on_long_rows: str = "truncate",
 ) -> ValidationReport:
     """Read every row (no Ray, constant memory); with a tokenizer, lengths are checked (and cuts counted) too."""
-    report = ValidationReport(lengths_checked=bool(tokenizer_path))
+    report = ValidationReport(lengths_checked=bool(tokenizer_path), unread_files=unread_files(paths))
     templater = _templater(tokenizer_path, max_length, max_prompt_length, on_long_rows)
-    for chunk, raw, item, tokens in _checked(_chunks(paths), fmt, templater):
+    sources = resolve_sources(paths, "PATH")
+    rows_by_file: Counter = Counter()
+    for chunk, raw, item, tokens in _checked(_chunks(sources), fmt, templater):
         report.rows_read += 1
+        rows_by_file[raw.path] += 1
         if isinstance(item, RowProblem):
             report.add(raw, item, chunk)
             continue
@@ -109,6 +129,7 @@ def validate_paths(
         if tokens is not None:
             report.prompts_truncated += tokens.prompt_truncated
             report.responses_truncated += tokens.responses_truncated
+    report.empty_files = [source.path for source in sources if not rows_by_file[source.path]]
     return report
 
 
@@ -127,7 +148,7 @@ def inspect_paths(
     templater = _templater(tokenizer_path, max_length, max_prompt_length)
     blocks: list[str] = []
     skipped: list[str] = []
-    for _, raw, item, tokens in _checked(_chunks(paths), fmt, templater):
+    for _, raw, item, tokens in _checked(_chunks(resolve_sources(paths, "PATH")), fmt, templater):
         if len(blocks) >= n:
             break
         if isinstance(item, RowProblem):

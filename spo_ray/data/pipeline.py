@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from spo_ray.data.processing import ChunkResult, is_fatal, iter_examples, process_chunk
 from spo_ray.data.schema import Example
 from spo_ray.data.sharding import derive_key, permute
-from spo_ray.data.sources import Chunk, config_sources, iter_chunk_rows, plan_chunks
+from spo_ray.data.sources import Chunk, Source, config_sources, iter_chunk_rows, plan_chunks, unread_files
 from spo_ray.data.templating import load_tokenizer
 from spo_ray.errors import DataError
 
@@ -45,6 +45,33 @@ class PreparedData:
     prompts_truncated: int = 0
     responses_truncated: int = 0
     pad_token_id: int = 0
+    empty_files: list[str] = field(default_factory=list)  # input files that held no rows
+    unread_files: list[str] = field(default_factory=list)  # files in data folders that are not read
+
+    def notes(self) -> list[str]:
+        """The console lines a run prints after preparing its data: what was cut, skipped or not read."""
+        lines = [self.truncation_note(), self.skipped_note()]
+        if self.empty_files:
+            lines.append(
+                f"data: {len(self.empty_files)} input files hold no rows: {_names(self.empty_files)}"
+            )
+        if self.unread_files:
+            lines.append(
+                f"data: {len(self.unread_files)} files in the data folders are not read (only .jsonl, .ndjson, "
+                f".json, .parquet and .csv are): {_names(self.unread_files)}"
+            )
+        return [line for line in lines if line]
+
+    def skipped_note(self) -> str | None:
+        """One console line on the rows left out (data.on_bad_rows / on_long_rows=skip), or None when none were."""
+        skipped = sum(self.bad_rows.values())
+        if not skipped:
+            return None
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.bad_rows.items()))
+        return (
+            f"data: skipped {skipped} of {self.rows_read} rows ({reasons}); each one, with its file:line and "
+            f"reason, is in {self.quarantine_path}"
+        )
 
     def truncation_note(self) -> str | None:
         """One console line on what the truncation policy cut, or None when nothing was cut."""
@@ -69,6 +96,32 @@ class PreparedData:
         }
 
 
+def _names(paths: list[str], limit: int = 5) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _rowless_files(sources: list[Source], chunks: list[Chunk], results: list[ChunkResult]) -> list[str]:
+    """Paths of the sources no row was read from (empty, blank lines only, a CSV header only, `[]`)."""
+    path_of = {chunk.index: chunk.path for chunk in chunks}
+    read = Counter()
+    for result in results:
+        read[path_of[result.index]] += result.read
+    return [source.path for source in sources if read[source.path] == 0]
+
+
+def _no_rows_error(key: str, paths: list[str]) -> DataError:
+    def why(path: str) -> str:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return f"{path} is empty (0 bytes)"
+        return f"{path} holds no rows (only blank lines, a CSV header or an empty list)"
+
+    return DataError(
+        f"{key}: no rows to read: {'; '.join(why(p) for p in paths[:5])}; "
+        f"give files with preference rows (e.g. one JSON object per line) or remove these from {key}"
+    )
+
+
 def peek_num_responses(chunks: list[Chunk], fmt: str) -> int:
     """Responses per example of the first good row (2 when the first PEEK_ROWS rows have none)."""
     seen = 0
@@ -91,6 +144,8 @@ def _process_all(chunks: list[Chunk], settings: dict[str, Any]) -> list[ChunkRes
     """Process every chunk as one Ray Data map_batches; only the small per-chunk results come back."""
     import ray.data
 
+    if not chunks:
+        return []
     items = [{"chunk": chunk.to_json()} for chunk in chunks]
     # Small inputs need few worker processes (each loads the tokenizer once); large ones get them all.
     rows = sum(chunk.rows if chunk.rows >= 0 else ROWS_PER_CHUNK for chunk in chunks)
@@ -186,6 +241,12 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
             f"{first}\n({key}=error stops at the first such row; `spo-ray data validate PATH` lists all of "
             f"them, or set {key}={what})"
         )
+    empty_train = _rowless_files(train_sources, chunks, results)
+    empty_eval = _rowless_files(eval_sources, chunks, results)
+    if len(empty_train) == len(train_sources):
+        raise _no_rows_error("data.train_files", empty_train)
+    if eval_sources and len(empty_eval) == len(eval_sources):
+        raise _no_rows_error("data.eval_files", empty_eval)
     quarantine = _merge_quarantine(results, output_dir)
     train_results = [r for r in results if r.role == "train"]
     eval_results = [r for r in results if r.role == "eval"]
@@ -218,6 +279,8 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
         prompts_truncated=sum(r.truncated for r in results),
         responses_truncated=sum(r.responses_truncated for r in results),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        empty_files=empty_train + empty_eval,
+        unread_files=unread_files(data_cfg.train_files + data_cfg.eval_files),
     )
     os.makedirs(work_dir, exist_ok=True)
     with open(os.path.join(work_dir, "summary.json"), "w", encoding="utf-8") as fh:

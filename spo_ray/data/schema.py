@@ -11,6 +11,7 @@ from typing import Any
 REASONS: dict[str, str] = {
     "invalid_json": "invalid JSON",
     "invalid_utf8": "invalid UTF-8",
+    "invalid_csv": "malformed CSV row",
     "missing_field": "missing field",
     "wrong_type": "wrong type",
     "empty": "empty prompt or response",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
@@ -15,12 +16,12 @@ from spo_ray.errors import DataError
 if TYPE_CHECKING:
     from spo_ray.config import DataConfig
 
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One input: a file (jsonl, json, parquet), a `save_to_disk` folder (disk) or a hub dataset (hub)."""
+    """One input: a file (jsonl, json, parquet, csv), a `save_to_disk` folder (disk) or a hub dataset (hub)."""
 
     kind: str
     path: str
@@ -64,7 +65,7 @@ class RawRow:
 
     @property
     def location(self) -> str:
-        """`file:LINE` for JSONL, `file:row N` (0-based) for JSON lists, Parquet and datasets."""
+        """`file:LINE` for JSONL and CSV, `file:row N` (0-based) for JSON lists, Parquet and datasets."""
         return f"{self.path}:{self.row}" if self.line_based else f"{self.path}:row {self.row}"
 
 
@@ -74,24 +75,43 @@ def _file_kind(path: str) -> str:
         return "jsonl"
     if lower.endswith(".parquet"):
         return "parquet"
+    if lower.endswith(".csv"):
+        return "csv"
     if lower.endswith(".json"):
         with open(path, "rb") as fh:
             head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         return "json" if head.startswith(b"[") else "jsonl"
     raise DataError(
-        f"{path}: unsupported file type; use .jsonl, .json (a list), .parquet or a save_to_disk folder"
+        f"{path}: unsupported file type; use .jsonl, .json (a list), .parquet, .csv or a save_to_disk folder"
+    )
+
+
+def _is_dataset_folder(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json"))
+
+
+def _folder_files(folder: str) -> list[str]:
+    return sorted(
+        path for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(path)
     )
 
 
 def _folder_sources(folder: str, split: str) -> list[Source]:
-    if any(os.path.exists(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json")):
+    if _is_dataset_folder(folder):
         return [Source("disk", folder, split)]
-    files = sorted(
-        path
-        for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-        if os.path.isfile(path) and path.lower().endswith(DATA_SUFFIXES)
-    )
+    files = [path for path in _folder_files(folder) if path.lower().endswith(DATA_SUFFIXES)]
     return [Source(_file_kind(path), path) for path in files]
+
+
+def unread_files(patterns: list[str]) -> list[str]:
+    """Files inside the folders of `patterns` that are not read (not .jsonl/.ndjson/.json/.parquet/.csv)."""
+    unread: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        for path in matches:
+            if os.path.isdir(path) and not _is_dataset_folder(path):
+                unread += [f for f in _folder_files(path) if not f.lower().endswith(DATA_SUFFIXES)]
+    return unread
 
 
 def resolve_sources(patterns: list[str], key: str, split: str = "train") -> list[Source]:
@@ -108,7 +128,7 @@ def resolve_sources(patterns: list[str], key: str, split: str = "train") -> list
         if not found:
             raise DataError(
                 f"{key}[{i}]: '{pattern}' matches no data files (relative paths are from {os.getcwd()}); "
-                f"give .jsonl/.json/.parquet files, a glob, or a save_to_disk folder"
+                f"give .jsonl/.json/.parquet/.csv files, a glob, or a save_to_disk folder"
             )
         sources += found
     return sources
@@ -155,6 +175,9 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
             with open(source.path, "rb") as fh:
                 for number, text in enumerate(fh, start=1):
                     offset += len(text)
+                    if not text.strip() and rows == 0:  # blank lines before a chunk's first row
+                        start, line = offset, number + 1
+                        continue
                     rows += 1
                     if rows == rows_per_chunk:
                         add(
@@ -168,8 +191,8 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
                         start, line, rows = offset, number + 1, 0
             if rows:
                 add(kind="jsonl", path=source.path, start=start, stop=offset, first_row=line, rows=rows)
-        elif source.kind == "json":
-            add(kind="json", path=source.path)
+        elif source.kind in ("json", "csv"):  # one task reads the whole file
+            add(kind=source.kind, path=source.path, first_row=1 if source.kind == "csv" else 0)
         else:
             if source.kind == "parquet":
                 import pyarrow.parquet as pq
@@ -246,6 +269,62 @@ def _iter_json_list(chunk: Chunk) -> Iterator[RawRow]:
         yield RawRow(chunk.path, index, False, value=item)
 
 
+def _iter_csv(chunk: Chunk) -> Iterator[RawRow]:
+    """CSV rows as dicts keyed by the header's column names, each at the line where its record starts."""
+    consumed: list[str] = []  # the text of the lines read since the last record (the record's raw text)
+    bad_lines: set[int] = set()
+
+    def lines() -> Iterator[str]:
+        with open(chunk.path, "rb") as fh:
+            for number, data in enumerate(fh, start=1):
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    bad_lines.add(number)
+                    text = data.decode("utf-8", errors="replace")
+                text = text.lstrip("\ufeff") if number == 1 else text
+                consumed.append(text)
+                yield text
+
+    reader = csv.reader(lines())
+    header: list[str] | None = None
+    header_line = 1
+    end = 0  # last line of the previous record
+    while True:
+        start = end + 1
+        try:
+            fields = next(reader)
+            problem = None
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            fields, problem = [], RowProblem("<row>", "invalid_csv", str(exc))
+        end = reader.line_num
+        raw, consumed[:] = "".join(consumed).rstrip("\r\n"), []
+        if problem is None and not any(f.strip() for f in fields):
+            continue  # a blank line
+        if header is None:
+            names = [name.strip() for name in fields]
+            if problem or not all(names) or len(set(names)) != len(names):
+                detail = (
+                    f"the first line must name the columns, each once (e.g. prompt,chosen,rejected), got {raw!r}; "
+                    f"no row of this file can be read"
+                )
+                yield RawRow(
+                    chunk.path, start, True, problem=RowProblem("<file>", "invalid_csv", detail), raw=raw
+                )
+                return
+            header, header_line = names, start
+            continue
+        if problem is None and bad_lines.intersection(range(start, end + 1)):
+            problem = RowProblem("<row>", "invalid_utf8", "the row has bytes that are not valid UTF-8")
+        if problem is None and len(fields) != len(header):
+            detail = f"{len(fields)} fields, but the header (line {header_line}) names {len(header)} columns"
+            problem = RowProblem("<row>", "invalid_csv", detail)
+        value = None if problem else dict(zip(header, fields))
+        yield RawRow(chunk.path, start, True, value=value, problem=problem, raw=raw)
+
+
 def _iter_table(chunk: Chunk) -> Iterator[RawRow]:
     if chunk.kind == "parquet":
         import pyarrow.parquet as pq
@@ -274,4 +353,6 @@ def iter_chunk_rows(chunk: Chunk) -> Iterator[RawRow]:
         return _iter_jsonl(chunk)
     if chunk.kind == "json":
         return _iter_json_list(chunk)
+    if chunk.kind == "csv":
+        return _iter_csv(chunk)
     return _iter_table(chunk)

@@ -29,6 +29,7 @@ from spo_ray.train.export import export_final_model
 from spo_ray.train.loop import train_loop_per_worker
 from spo_ray.train.metrics import read_metrics
 from spo_ray.train.reference import add_reference_logps
+from spo_ray.train.resources import FirstStepWatch, check_cluster_resources
 
 RUN_NAME = "ray_train"
 
@@ -90,14 +91,16 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     ensure_ray(cfg)
+    check_cluster_resources(cfg)  # before any work: a run the cluster cannot hold would wait forever
+    watch = FirstStepWatch.start(cfg, out)  # says what the run waits for if no step comes within a minute
     ray.data.DataContext.get_current().enable_progress_bars = False  # the training bar is the one to watch
 
     model_dir = resolve_model_dir(cfg.model, out)
     reference_dir = cfg.model.reference_path or model_dir
     tokenizer = load_tokenizer(model_dir)
     prepared = prepare_preference_data(cfg.data, model_dir, str(out))
-    if prepared.truncation_note():
-        print(prepared.truncation_note(), flush=True)
+    for note in prepared.notes():  # what was cut, skipped or not read: nothing is dropped without a word
+        print(note, flush=True)
     spec = get_loss(cfg.loss.name)
     precomputed = cfg.train.precompute_ref_logps and spec.needs_reference
     if precomputed:
@@ -181,6 +184,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
             ) from exc
         raise
     finally:
+        watch.stop()
         if pool is not None and pool is not rollout_pool:
             pool.shutdown()
     stopped = result.return_value or {}  # rank 0's: the workers stopped together before a save
