@@ -31,16 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    ray_was_running = _ray_running()  # a caller's runtime (tests, notebooks) is never shut down here
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
-        _stop_ray()
+        if not ray_was_running:
+            _stop_ray()
         print(f"spo-ray: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         if not is_disk_full(exc):
             raise
-        _stop_ray()
+        if not ray_was_running:
+            _stop_ray()
         print(
             f"spo-ray: error: no space left on device while writing {exc.filename or 'a file'}; free some "
             "space and run the same command again (a training run resumes from its last complete checkpoint)",
@@ -49,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _stop_ray() -> None:
-    """Shut a runtime this command started down first, so Ray's forwarded logs end before the error line."""
+def _ray_running() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray() -> None:
+    """Shut the runtime this command started down first, so Ray's forwarded logs end before the error line."""
+    if _ray_running():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":
