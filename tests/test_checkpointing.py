@@ -63,8 +63,13 @@ def test_a_checkpoint_cut_off_by_a_full_disk_is_refused_and_pruned(tiny_model_di
     assert store.latest() == store.root / "checkpoint_a"
 
     said = []
-    removed = store.prune(keep=2, log=said.append)
-    assert sorted(p.name for p in removed) == ["checkpoint_b", "checkpoint_c", "checkpoint_d"]
+    kept = store.prune(keep=2, log=said.append)
+    assert kept == [(10, store.root / "checkpoint_a")]
+    assert sorted(line.split("/")[-1].split(" ")[0] for line in said) == [
+        "checkpoint_b",
+        "checkpoint_c",
+        "checkpoint_d",
+    ]
     assert [p.name for p in store.folders()] == ["checkpoint_a"]
     assert all("incomplete" in line for line in said) and len(said) == 3
 

@@ -218,18 +218,19 @@ class CheckpointStore:
         done = self.complete()
         return done[-1][1] if done else None
 
-    def prune(self, keep: int, log=print) -> list[Path]:
-        """Delete incomplete folders and all but the newest `keep` complete ones, saying why for each.
+    def prune(self, keep: int, log=print) -> list[tuple[int, Path]]:
+        """Delete incomplete folders and all but the newest `keep` complete ones, saying why for each;
+        return the (step, folder) kept, oldest first (one verification pass serves both).
 
         Call only while no save is in flight into this store (before or after a run, or on rank 0 right
         after its own save reported, which is the newest folder)."""
         complete = self.complete()
-        kept = {folder for _, folder in complete[-keep:]}
-        removed = []
+        kept = complete[-keep:]
+        kept_folders, complete_folders = {f for _, f in kept}, {f for _, f in complete}
         for folder in self.folders():
-            if folder in kept:
+            if folder in kept_folders:
                 continue
-            problem = checkpoint_problem(folder, self.hashes)
+            problem = None if folder in complete_folders else checkpoint_problem(folder, self.hashes)
             reason = (
                 f"incomplete: {problem}"
                 if problem
@@ -237,8 +238,7 @@ class CheckpointStore:
             )
             log(f"removing checkpoint folder {folder} ({reason})")
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-        return removed
+        return kept
 
     def remove_finished_runs(self, current: str | None = None) -> None:
         """Delete the folders of earlier Ray runs (one per driver start) that no longer hold a checkpoint."""

@@ -116,9 +116,9 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
 
     storage = out / "checkpoints"
     store = CheckpointStore(storage)
-    store.prune(cfg.train.keep_checkpoints)  # folders a killed run left half-written go first
+    kept = store.prune(cfg.train.keep_checkpoints)  # folders a killed run left half-written go first
     store.remove_finished_runs()
-    latest = store.latest()
+    latest = kept[-1][1] if kept else None
     position = read_state(latest) if latest else None
     if latest:
         print(f"resuming from {latest} (step {position.step})", flush=True)
@@ -190,11 +190,10 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     stopped = result.return_value or {}  # rank 0's: the workers stopped together before a save
     if stopped.get("disk_full"):
         raise disk_full_error(out, store, stopped["disk_full"])
-    final_dir = store.latest()
+    final_dir = store.prune(cfg.train.keep_checkpoints)[-1][1]
+    store.remove_finished_runs()
     final_state = read_state(final_dir)
     export_final_model(cfg.model, model_dir, final_dir, out / "final")
-    store.prune(cfg.train.keep_checkpoints)
-    store.remove_finished_runs()
 
     metrics = read_metrics(out)
     wall = time.perf_counter() - started
