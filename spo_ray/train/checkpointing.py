@@ -199,10 +199,10 @@ class CheckpointStore:
 
     def folders(self) -> list[Path]:
         """Every folder under root holding checkpoint files, complete or not."""
-        if not self.root.exists():
-            return []
-        found = {p.parent for name in _CHECKPOINT_FILES for p in self.root.glob(f"**/{name}")}
-        found |= {p.parent for p in self.root.glob("**/rng_rank*.pt")}
+        found = []  # os.walk skips a folder deleted while it walks (another process pruning), glob raises
+        for directory, _, names in os.walk(self.root):
+            if any(name in _CHECKPOINT_FILES or name.startswith("rng_rank") for name in names):
+                found.append(Path(directory))
         return sorted(found)
 
     def complete(self) -> list[tuple[int, Path]]:
