@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, paths). The CLI prints it and exits 2."""
@@ -36,7 +38,7 @@ def is_disk_full(exc: BaseException | None) -> bool:
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        if getattr(exc, "errno", None) == 28 or "No space left on device" in str(exc):
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
             return True
         # Ray Train's WorkerGroupError carries each failed worker's exception
         pending += [exc.__cause__, exc.__context__, *getattr(exc, "worker_failures", {}).values()]

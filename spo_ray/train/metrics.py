@@ -26,7 +26,7 @@ class MetricsLogger:
     ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(start_step)
+        truncate_jsonl_after(self.path, start_step)
         self.write_error: str | None = (
             None  # set when the disk filled up; the loop stops at its next checkpoint
         )
@@ -52,9 +52,6 @@ class MetricsLogger:
                     resume="allow",
                     id=_stable_run_id(self.path.parent),
                 )
-
-    def _truncate_after(self, step: int) -> None:
-        truncate_jsonl_after(self.path, step)
 
     def log(self, step: int, metrics: dict) -> None:
         if self.progress is not None:
