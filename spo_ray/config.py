@@ -149,7 +149,9 @@ class TrainConfig:
         False,
         "the cluster adds nodes on demand: a run bigger than the cluster warns and waits instead of being refused",
     )
-    strategy: Literal["ddp", "fsdp"] = option("ddp", "data parallelism: DDP, or FSDP (GPU)")
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp", "data parallelism: DDP (replicas), or FSDP2 (parameters, gradients, optimizer state sharded)"
+    )
     precision: Literal["fp32", "bf16"] = option(
         "fp32",
         "compute precision of the forwards: bf16 autocasts them (GPU or CPU); trainable weights stay float32 "
@@ -463,8 +465,6 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         get_loss(cfg.loss.name)
     except ValueError as exc:
         raise ConfigError("loss.name", str(exc)) from None
-    if cfg.train.strategy == "fsdp" and not cfg.train.use_gpu:
-        raise ConfigError("train.strategy", "fsdp needs GPUs: set train.use_gpu=true or train.strategy=ddp")
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -18,6 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from spo_ray.errors import UserError
+from spo_ray.models.sharding import (
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    load_full_model_state_dict,
+    load_full_optimizer_state_dict,
+)
 
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.safetensors"
@@ -36,41 +45,85 @@ class TrainState:
 
 
 def capture_rng() -> dict:
+    """This process's random states as tensors and plain values only (what `torch.load(weights_only=True)` reads)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss_next,
+        },
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file holds pickled objects other than tensors and plain values: it is not loaded."""
+
+
+def load_tensors_only(path: Path):
+    """`torch.load` that refuses pickled code: tensors, numbers, strings and containers of them only.
+
+    Anyone who can write the checkpoint folder could otherwise run code in every worker that loads it."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds pickled objects other than tensors and plain values, which "
+            "spo_ray never writes (written by something else, or by an spo_ray older than this one?); "
+            f"delete this checkpoint folder or restore the file from a trusted copy. torch.load said: {str(exc)[:300]}"
+        ) from None
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped model's full state dict as contiguous CPU tensors (shared storage split)."""
-    module = getattr(model, "module", model)
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in module.state_dict().items()}
+    """The unwrapped model's full state dict as contiguous CPU tensors (shared storage split).
+
+    A collective under FSDP: every rank calls it; rank 0 gets the tensors, the other ranks an empty dict."""
+    state = full_model_state_dict(model)
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
 
 
 def save_checkpoint(
     directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler, state: TrainState
 ) -> None:
-    """Write this rank's part of a checkpoint; rank 0 writes the shared parts (model, optimizer, state)."""
+    """Write this rank's part of a checkpoint; rank 0 writes the shared parts (model, optimizer, state).
+
+    Every rank calls it: gathering full weights and optimizer state from FSDP shards is a collective."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    weights = trainable_state_dict(model)
+    optimizer_state = full_optimizer_state_dict(model, optimizer)
     torch.save(capture_rng(), directory / f"rng_rank{rank}.pt")
     if rank != 0:
         return
-    save_file(trainable_state_dict(model), str(directory / MODEL_FILE))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE
-    )
+    save_file(weights, str(directory / MODEL_FILE))
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE)
     (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     write_manifest(directory, state.step)
 
@@ -149,10 +202,10 @@ def checkpoint_problem(directory: str | os.PathLike, hashes: bool = True) -> str
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Load a checkpoint's MODEL_FILE into the (unwrapped) model; every tensor name must match both ways."""
+    """Load a checkpoint's MODEL_FILE into the model (every rank, under FSDP each keeps its shard); every
+    tensor name must match both ways."""
     path = Path(directory) / MODEL_FILE
-    module = getattr(model, "module", model)
-    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    missing, unexpected = load_full_model_state_dict(model, load_file(str(path)))
     if missing or unexpected:
         raise RuntimeError(
             f"{path} does not match the model it is loaded into: {len(missing)} missing tensors "
@@ -162,17 +215,22 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
 
 
 def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and this rank's RNG; return the saved TrainState."""
+    """Restore model, optimizer, scheduler and this rank's RNG; return the saved TrainState.
+
+    Every rank calls it and reads the full files (loading into FSDP shards is a collective). Only tensors and
+    plain values are unpickled: a file holding anything else raises `UnsafeCheckpointError`, naming it."""
     directory = Path(directory)
     load_model_weights(model, directory)
-    optim_state = torch.load(directory / OPTIM_FILE, weights_only=False)
-    optimizer.load_state_dict(optim_state["optimizer"])
+    optim_state = load_tensors_only(directory / OPTIM_FILE)
+    load_full_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
     scheduler.load_state_dict(optim_state["scheduler"])
     rng_file = directory / f"rng_rank{rank}.pt"  # ranks > 0 are not in rank 0's manifest: may be cut off
     try:
-        restore_rng(torch.load(rng_file, weights_only=False))
+        restore_rng(load_tensors_only(rng_file))
     except FileNotFoundError:
         pass
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 (only dropout and sampling seeds are at stake, not the data position)
         print(f"{rng_file}: unreadable ({exc}); rank {rank} continues with fresh random state", flush=True)
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))

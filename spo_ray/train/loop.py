@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import ray.data
@@ -29,6 +28,7 @@ from spo_ray.train.checkpointing import (
 from spo_ray.train.metrics import MetricsLogger, RowTrace
 from spo_ray.train.online import OnlineSampler
 from spo_ray.train.optim import build_optimizer
+from spo_ray.train.parallel import clip_grad_norm, gradient_sync, prepare_policy, prepare_reference
 from spo_ray.train.step import SampleBatch, StepContext, compute_step
 
 
@@ -43,7 +43,7 @@ _MAX_ACROSS_RANKS = ("policy_lag",)
 
 
 def _reduce_across_ranks(metrics: dict[str, float], world_size: int, device) -> dict[str, float]:
-    """Mean over ranks (MAX for `_MAX_ACROSS_RANKS`), on the worker's device so NCCL can reduce it."""
+    """Mean over ranks (MAX for `_MAX_ACROSS_RANKS`), as float32 on the worker's device so NCCL reduces it."""
     if world_size == 1:
         return metrics
     out = {}
@@ -53,7 +53,7 @@ def _reduce_across_ranks(metrics: dict[str, float], world_size: int, device) -> 
     ):
         if not keys:
             continue
-        packed = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+        packed = torch.tensor([metrics[k] for k in keys], dtype=torch.float32, device=device)
         torch.distributed.all_reduce(packed, op=op)
         scale = world_size if op == torch.distributed.ReduceOp.SUM else 1
         out.update(zip(keys, (packed / scale).tolist()))
@@ -82,9 +82,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         need_reference=needs_reference,
         mixed_precision=mixed,
     )
-    if reference is not None:
-        reference.to(device)
-    policy = ray.train.torch.prepare_model(policy, parallel_strategy=cfg.train.strategy)
+    reference = prepare_reference(reference, cfg.train.strategy, device)
+    policy = prepare_policy(policy, cfg.train.strategy, device)
     optimizer, scheduler = build_optimizer(policy, cfg.train)
     state = TrainState()
     # the checkpoint the driver's CheckpointStore chose and started the data stream from, never Ray's own
@@ -119,8 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             seed=cfg.train.seed,
         )
     if online is not None and state.step > 0:  # resumed: the rollout must serve the restored weights
-        if rank == 0:
-            online.sync(policy, state.step)
+        online.sync(policy, state.step)  # every rank gathers (FSDP shards), rank 0 sends
         state.policy_version = state.step
         if world > 1:
             torch.distributed.barrier()
@@ -158,24 +156,21 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 )
             batch = batch.to(device)
             sync_grads = micro == cfg.train.grad_accum - 1 or world == 1
-            with policy.no_sync() if not sync_grads and hasattr(policy, "no_sync") else nullcontext():
+            with gradient_sync(policy, sync_grads):
                 out = compute_step(step_ctx, batch, sample_batch)
                 (out.loss / cfg.train.grad_accum).backward()
             for key, value in out.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.train.grad_accum
             totals["tokens"] = totals.get("tokens", 0.0) + out.num_tokens
         if cfg.train.max_grad_norm > 0:
-            totals["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.max_grad_norm)
-            )
+            totals["grad_norm"] = clip_grad_norm(policy.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.epoch, state.consumed_in_epoch = epoch, consumed
         if online is not None and state.step % cfg.rollout.sync_every == 0:
-            if rank == 0:
-                sync_time = online.sync(policy, state.step)
+            sync_time = online.sync(policy, state.step)  # every rank gathers (FSDP shards), rank 0 sends
             state.policy_version = state.step
         elapsed = time.perf_counter() - step_start
         totals.update(

@@ -85,9 +85,14 @@ class OnlineSampler:
             time.sleep(0.02)
 
     def sync(self, model, version: int) -> float:
-        """Push the policy's (LoRA-merged) weights to every rollout actor; returns seconds taken."""
+        """Push the policy's (LoRA-merged) weights to every rollout actor; returns seconds taken.
+
+        Every rank calls it: the full weights are gathered from every rank's FSDP shard (a collective), and
+        rank 0 sends them."""
         from spo_ray.rollout.weights import state_dict_for_sync
 
         start = time.perf_counter()
-        self.pool.sync_weights(state_dict_for_sync(model), version)
+        weights = state_dict_for_sync(model)  # rank 0: the full weights; other ranks: {}
+        if self.rank == 0:
+            self.pool.sync_weights(weights, version)
         return time.perf_counter() - start
