@@ -4,8 +4,11 @@ metrics lines left by a crash or a full disk never block or mislead a resume."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
+import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -16,9 +19,11 @@ from spo_ray.train.checkpointing import (
     OPTIM_FILE,
     CheckpointStore,
     TrainState,
+    UnsafeCheckpointError,
     checkpoint_problem,
     load_checkpoint,
     save_checkpoint,
+    write_manifest,
 )
 from spo_ray.train.metrics import MetricsLogger, read_metrics
 from spo_ray.train.optim import build_optimizer
@@ -102,3 +107,46 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_instead_of_failing_it(tmp
         (4, 0.25),
         (5, 0.5),
     ]
+
+
+class _RunsCodeWhenUnpickled:
+    """What a writer of the shared checkpoint folder could plant: unpickling calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_checkpoint_files_holding_pickled_code_are_refused_naming_the_file(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    store = CheckpointStore(tmp_path / "run")
+    for planted in (OPTIM_FILE, "rng_rank0.pt"):
+        folder = store.root / f"checkpoint_{planted}"
+        _save(model, folder, step=3)
+        marker = tmp_path / f"code_ran_from_{planted}"
+        original = torch.load(folder / planted, weights_only=True)
+        torch.save({"payload": _RunsCodeWhenUnpickled(marker), **original}, folder / planted)
+        write_manifest(folder, 3)  # the writer may fix up the manifest too: the checkpoint looks complete
+        assert checkpoint_problem(folder) is None
+
+        optimizer, scheduler = build_optimizer(model, TrainConfig(max_steps=10, warmup_steps=0))
+        with pytest.raises(UnsafeCheckpointError, match=f"{folder / planted}: refused to load"):
+            load_checkpoint(folder, rank=0, model=model, optimizer=optimizer, scheduler=scheduler)
+        assert not marker.exists(), f"the object planted in {planted} ran its code"
+
+
+def test_random_states_round_trip_through_a_tensors_only_checkpoint(tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # numpy caches the second Gaussian of a pair: part of its state
+    _save(model, tmp_path / "checkpoint", step=1)
+
+    def draws():
+        return random.random(), np.random.normal(), np.random.rand(), torch.rand(2).tolist()
+
+    expected = draws()
+    optimizer, scheduler = build_optimizer(model, TrainConfig(max_steps=10, warmup_steps=0))
+    load_checkpoint(tmp_path / "checkpoint", rank=0, model=model, optimizer=optimizer, scheduler=scheduler)
+    assert draws() == expected
