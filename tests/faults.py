@@ -78,11 +78,18 @@ def mid_step(out_dir: Path, before: set) -> bool:
     return _last_step(out_dir) % 2 == 1
 
 
+def mid_step_after_a_checkpoint(out_dir: Path, before: set) -> bool:
+    """A step past a saved checkpoint: step 3, 5, ... logged (with checkpoint_every=2, step 2's save is done)."""
+    step = _last_step(out_dir)
+    return step > 2 and step % 2 == 1
+
+
 MOMENTS: dict[str, Callable[[Path, set], bool]] = {
     "data_preparing": data_preparing,
     "checkpoint_folder_appeared": checkpoint_folder_appeared,
     "checkpoint_saved": checkpoint_saved,
     "mid_step": mid_step,
+    "mid_step_after_a_checkpoint": mid_step_after_a_checkpoint,
 }
 
 

@@ -1,45 +1,54 @@
-"""Two Ray Train workers (DDP over gloo) with online vLLM samples: the lag bound holds on every rank."""
+"""Two Ray Train workers (DDP over gloo) with online vLLM samples, SIGKILLed mid-run and re-run: the lag bound
+holds on every rank, and across the two shards every step trains exactly the next rows of the epoch's
+permutation, none repeated or skipped, as the rows' ids in each rank's trace show."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+import numpy as np
 import pytest
+from faults import run_until
 
-from spo_ray.config import load_config
+from spo_ray.data.sharding import derive_key, permute
+from spo_ray.train.metrics import read_row_trace
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+WORKERS, BATCH, STEPS = 2, 4, 6
+TWO_WORKERS_ONLINE = [  # on top of faults.FAULT_RUN: a checkpoint every 2 steps, each rank's rows traced
+    "loss.kl_coef=0.02",
+    f"train.num_workers={WORKERS}",
+    f"train.batch_size={BATCH}",
+    f"train.max_steps={STEPS}",
+    "rollout.prompts_per_step=2",
+    "rollout.max_tokens=8",
+    "rollout.overlap=false",  # each step's samples must come from the weights synced after the last
+    "rollout.max_policy_lag=0",
+]
 
 
-def test_two_workers_train_online_with_every_ranks_samples_from_the_synced_weights(ray_runtime, tmp_path):
-    from spo_ray.train.job import run_job
+def test_two_workers_killed_mid_run_resume_on_exactly_the_next_rows_with_samples_from_the_synced_weights(
+    tmp_path,
+):
+    out, log = tmp_path / "two", tmp_path / "runs.log"
+    killed = run_until(out, "mid_step_after_a_checkpoint", log, 900, *TWO_WORKERS_ONLINE)
+    assert killed["killed"] and killed["step"] < STEPS, killed
+    summary = run_until(out, None, log, 900, *TWO_WORKERS_ONLINE)["summary"]
+    assert summary["steps"] == STEPS and summary["resumed_from_step"] >= 2, summary
 
-    out = tmp_path / "two"
-    cfg = load_config(
-        REPO / "configs" / "tiny_cpu.yaml",
-        [
-            "task.num_pairs=400",
-            "task.reference_fit_steps=30",
-            "train.num_workers=2",
-            "train.batch_size=4",
-            "train.max_steps=4",
-            "train.checkpoint_every=0",
-            "train.warmup_steps=1",
-            "rollout.prompts_per_step=2",
-            "rollout.max_tokens=8",
-            "rollout.overlap=false",  # each step's samples must come from the weights synced after the last
-            "rollout.max_policy_lag=0",
-            "logging.progress=false",
-            f"output.dir={out}",
-        ],
-    )
-    summary = run_job(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert summary["steps"] == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["policy_lag"] == 0 for r in rows)  # the worst rank's lag, every step
     assert all(r["rollout_logp_gap"] < 1e-3 for r in rows)  # both ranks sampled the synced weights
-    # 4 examples per rank per step, no row twice: the global count of consumed examples
-    assert [r["data_consumed"] for r in rows] == [8, 16, 24, 32]
+
+    # the ids each rank trained on, against the epoch order the data's seed fixes (spo_ray/data/sharding.py)
+    config = json.loads((out / "config.json").read_text())
+    n = summary["data"]["num_train"]
+    order = np.argsort(permute(np.arange(n), n, derive_key(config["data"]["shuffle_seed"], "epoch", 0)))
+    traces = [read_row_trace(out, rank) for rank in range(WORKERS)]
+    per_step = WORKERS * BATCH
+    for step in range(1, STEPS + 1):
+        trained = sorted(traces[0][step] + traces[1][step])
+        expected = sorted(order[per_step * (step - 1) : per_step * step].tolist())
+        assert trained == expected, f"step {step} (killed at step {killed['step']}): {trained} vs {expected}"
