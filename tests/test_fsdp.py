@@ -1,11 +1,15 @@
-"""FSDP2 on two CPU ranks over gloo, through the functions the training loop calls: the gradient norm is the
-global one, checkpoints hold the full tensors and resume into shards exactly, and the weights synced to the
-rollout are the full model's. The unsharded model, stepped on both ranks' batches, is the reference."""
+"""FSDP2 on two CPU ranks over gloo. Through the functions the training loop calls (two spawned processes): the
+gradient norm is the global one, checkpoints hold the full tensors and resume into shards exactly, and the
+weights synced to the rollout are the full model's; the unsharded model stepped on every rank's batches is
+the reference. Through Ray Train: a DDP run's checkpoint resumes under FSDP and trains on exactly as DDP does."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,16 +20,28 @@ from transformers import AutoModelForCausalLM
 
 from spo_ray.config import TrainConfig
 from spo_ray.rollout.weights import state_dict_for_sync
-from spo_ray.train.checkpointing import MODEL_FILE, TrainState, load_checkpoint, save_checkpoint
+from spo_ray.train.checkpointing import (
+    MODEL_FILE,
+    CheckpointStore,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from spo_ray.train.optim import build_optimizer
-from spo_ray.train.parallel import _fully_shard, clip_grad_norm
+from spo_ray.train.parallel import _fully_shard, clip_grad_norm, gradient_sync
 
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
 WORLD, MAX_NORM = 2, 0.5
 TRAIN_CFG = TrainConfig(max_steps=4, warmup_steps=0, lr=1e-3)
 
+MICRO = 2  # micro-batches per step: the first accumulates without reduce-scatter (gradient_sync)
 
-def _batch(rank: int, step: int) -> torch.Tensor:
-    return torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(100 * step + rank))
+
+def _batch(rank: int, step: int, micro: int) -> torch.Tensor:
+    seed = 100 * step + 10 * micro + rank
+    return torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 def _sharded(model_dir):
@@ -34,8 +50,10 @@ def _sharded(model_dir):
 
 
 def _fsdp_step(model, optimizer, scheduler, rank: int, step: int) -> float:
-    ids = _batch(rank, step)
-    model(input_ids=ids, labels=ids).loss.backward()  # FSDP2 reduce-scatters the mean gradient
+    for micro in range(MICRO):  # as the loop does: FSDP2 reduce-scatters the mean gradient at the last one
+        ids = _batch(rank, step, micro)
+        with gradient_sync(model, micro == MICRO - 1):
+            (model(input_ids=ids, labels=ids).loss / MICRO).backward()
     norm = clip_grad_norm(model.parameters(), MAX_NORM)
     optimizer.step()
     scheduler.step()
@@ -44,10 +62,11 @@ def _fsdp_step(model, optimizer, scheduler, rank: int, step: int) -> float:
 
 
 def _unsharded_step(model, optimizer, scheduler, step: int) -> float:
-    """What the ranks together should do: the mean of both ranks' gradients, clipped by its own norm."""
+    """What the ranks together should do: the mean of every rank's gradients, clipped by its own norm."""
     for rank in range(WORLD):
-        ids = _batch(rank, step)
-        (model(input_ids=ids, labels=ids).loss / WORLD).backward()
+        for micro in range(MICRO):
+            ids = _batch(rank, step, micro)
+            (model(input_ids=ids, labels=ids).loss / (WORLD * MICRO)).backward()
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
     optimizer.step()
     scheduler.step()
@@ -126,3 +145,57 @@ def test_fsdp_clips_by_the_global_norm_and_checkpoints_syncs_and_resumes_full_we
 ):
     mp.spawn(_rank_main, args=(str(tiny_model_dir), str(tmp_path), _free_port()), nprocs=WORLD)
     assert (tmp_path / "checkpoint" / MODEL_FILE).exists()
+
+
+def _run_job(out, strategy: str) -> list[dict]:
+    from spo_ray.config import load_config
+    from spo_ray.train.job import run_job
+
+    cfg = load_config(
+        REPO / "configs" / "tiny_cpu.yaml",
+        [
+            "task.num_pairs=200",
+            "task.reference_fit_steps=20",
+            "loss.name=dpo",  # the reference forwards on the workers every step: sharded under FSDP
+            "loss.kl_coef=0",
+            "train.precompute_ref_logps=false",
+            "train.num_workers=2",
+            f"train.strategy={strategy}",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+            "train.warmup_steps=1",
+            "train.max_grad_norm=0.5",  # below these steps' norms: every step is clipped
+            "logging.progress=false",
+            "logging.wandb_mode=disabled",
+            f"output.dir={out}",
+        ],
+    )
+    run_job(cfg)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp_and_trains_exactly_as_ddp_goes_on(ray_runtime, tmp_path):
+    ddp = _run_job(tmp_path / "ddp", "ddp")
+    shutil.copytree(tmp_path / "ddp", tmp_path / "fsdp")  # then keep only the step-2 checkpoint
+    for step, folder in CheckpointStore(tmp_path / "fsdp" / "checkpoints").complete():
+        if step > 2:
+            shutil.rmtree(folder)
+    fsdp = _run_job(tmp_path / "fsdp", "fsdp")
+    assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["resumed_from_step"] == 2
+    for ours, theirs in zip(fsdp[2:], ddp[2:], strict=True):  # steps 3 and 4: FSDP from DDP's step-2 state
+        assert ours["step"] == theirs["step"] and theirs["grad_norm"] > 0.5
+        for key in ("loss", "grad_norm"):  # the global norm: a per-shard one would be about 1/sqrt(2) of it
+            assert abs(ours[key] - theirs[key]) <= 1e-4 * abs(theirs[key]), (key, ours, theirs)
+
+    weights = {
+        name: load_file(str(CheckpointStore(tmp_path / name / "checkpoints").latest() / MODEL_FILE))
+        for name in ("ddp", "fsdp")
+    }
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "tiny_model").state_dict()
+    assert {k: v.shape for k, v in weights["fsdp"].items()} == {k: v.shape for k, v in start.items()}
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    for name, tensor in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(exported[name], weights["fsdp"][name]), name
