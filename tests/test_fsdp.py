@@ -74,6 +74,20 @@ def _unsharded_step(model, optimizer, scheduler, step: int) -> float:
     return norm
 
 
+def _lora_model(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # the same adapters every call
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():  # lora_B starts at zero: give the adapters a delta
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model
+
+
 def _rank_main(rank: int, model_dir: str, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -129,6 +143,14 @@ def _rank_main(rank: int, model_dir: str, out_dir: str, port: int) -> None:
         after, resumed_after = state_dict_for_sync(model), state_dict_for_sync(resumed)
         if rank == 0:
             assert all(torch.equal(after[name], resumed_after[name]) for name in after)
+
+        # LoRA over a sharded base: rank 0 merges the adapters from the gathered full state
+        lora, unsharded_lora = _lora_model(model_dir), _lora_model(model_dir)
+        synced = state_dict_for_sync(_fully_shard(lora, torch.device("cpu")))
+        if rank == 0:
+            expected = unsharded_lora.merge_and_unload().state_dict()
+            assert list(synced) == list(expected)
+            assert all(torch.equal(synced[name], expected[name]) for name in expected)
     finally:
         dist.destroy_process_group()
 
