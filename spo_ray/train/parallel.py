@@ -20,8 +20,8 @@ def _fully_shard(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     model.to(device)
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    blocks |= set(getattr(getattr(model, "get_base_model", lambda: None)(), "_no_split_modules", None) or ())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the HF model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module)
