@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import ray.train
 
 from spo_ray.config import DataConfig
 from spo_ray.data import permute, prepare_preference_data, shard_plan, train_shards
-from spo_ray.data.sharding import derive_key
+from spo_ray.data.sharding import derive_key, inverse_permute, shard_data_config
 
 N = 23  # odd: with 2 ranks one example per epoch is left over
 WORLD = 2
@@ -45,6 +44,7 @@ def test_permute_is_a_seeded_bijection_for_any_size():
     for n in (1, 2, 5, 64, 1000, 1025):
         values = np.arange(n)
         assert sorted(permute(values, n, key=7).tolist()) == list(range(n))
+        assert inverse_permute(permute(values, n, key=2**63 + 7), n, key=2**63 + 7).tolist() == list(range(n))
     assert permute(np.arange(1000), 1000, 1).tolist() != permute(np.arange(1000), 1000, 2).tolist()
 
 
@@ -76,7 +76,8 @@ def test_shuffle_is_deterministic_by_seed_and_differs_across_seeds_and_epochs(pr
 
 
 def test_resuming_at_epoch_and_position_continues_without_repeats_or_skips(prepared):
-    uninterrupted = train_shards(prepared, WORLD, seed=3, epoch=0, start=0, num_epochs=2)
+    # rows_per_read=2: each rank's stream comes from many read tasks running in parallel
+    uninterrupted = train_shards(prepared, WORLD, seed=3, epoch=0, start=0, num_epochs=2, rows_per_read=2)
     full = [read(uninterrupted[f"train_rank{r}"]) for r in range(WORLD)]
     assert [len(s) for s in full] == [22, 22]  # two epochs of 11 rows per rank
     # Interrupted mid-epoch 0 after 3 batches of 2 rows per rank (12 examples consumed globally) ...
@@ -99,12 +100,16 @@ def test_resuming_at_epoch_and_position_continues_without_repeats_or_skips(prepa
 
 
 def test_ray_train_data_config_hands_each_worker_its_shard_in_order(prepared):
-    shards = train_shards(prepared, WORLD, seed=5, epoch=0, start=0)
+    shards = train_shards(prepared, WORLD, seed=5, epoch=0, start=0, num_epochs=2, rows_per_read=2)
     expected = {name: read(ds) for name, ds in shards.items()}
-    # What TorchTrainer(datasets=shards, dataset_config=DataConfig(datasets_to_split=[])) gives each worker:
-    # Train's default ingest options (preserve_order off) replace the dataset's; the order must survive.
-    per_worker = ray.train.DataConfig(datasets_to_split=[]).configure(
+    # What TorchTrainer(datasets=shards, dataset_config=shard_data_config()) gives each worker: Train's
+    # ingest options replace the dataset's own, and the rank's read tasks run in parallel; the order must hold.
+    per_worker = shard_data_config().configure(
         datasets=shards, world_size=WORLD, worker_handles=None, worker_node_ids=None
     )
     for rank, iterators in enumerate(per_worker):
-        assert read(iterators[f"train_rank{rank}"]) == expected[f"train_rank{rank}"]
+        stream = read(iterators[f"train_rank{rank}"])
+        assert stream == expected[f"train_rank{rank}"]
+        assert [(epoch, pos) for epoch, pos, _ in stream] == [
+            (e, p) for e in (0, 1) for p in range(rank, 22, WORLD)
+        ]
