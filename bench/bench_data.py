@@ -267,7 +267,11 @@ def scale(args: argparse.Namespace, work_dir: Path, tokenizer: str) -> None:
     if not data.exists():
         generate_rows(data, args.rows)
     report = {"rows": args.rows, "tokenizer": tokenizer}
+    earlier = json.loads(Path(args.out).read_text()) if args.keep_before and Path(args.out).exists() else {}
     for label, code in (("before", args.before), ("after", str(Path(__file__).resolve().parents[1]))):
+        if label == "before" and earlier.get("rows") == args.rows and "before" in earlier:
+            report[label] = earlier["before"]  # --keep-before: the older code's figures from the last run
+            continue
         env = {**os.environ, "PYTHONPATH": code}
         child = [
             sys.executable,
@@ -292,6 +296,8 @@ def scale(args: argparse.Namespace, work_dir: Path, tokenizer: str) -> None:
             runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             print(label, json.dumps(runs[mode]), flush=True)
         report[label] = runs
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")  # so far (see --keep-before)
     before, after = report["before"], report["after"]
     report["data_read_amplification"] = max(after["scale"]["read_amplification_per_rank"])
     report["data_read_amplification_before"] = max(before["scale"]["read_amplification_per_rank"])
@@ -336,6 +342,7 @@ def main() -> None:
         "--scale", action="store_true", help="before vs after: read amplification, first batch, resume"
     )
     parser.add_argument("--before", default="", help="--scale: a checkout of the code to compare with")
+    parser.add_argument("--keep-before", action="store_true", help="--scale: reuse --out's 'before' figures")
     parser.add_argument("--child-mode", default="", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
