@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -113,3 +114,25 @@ def test_ray_train_data_config_hands_each_worker_its_shard_in_order(prepared):
         assert [(epoch, pos) for epoch, pos, _ in stream] == [
             (e, p) for e in (0, 1) for p in range(rank, 22, WORLD)
         ]
+
+
+def test_each_rank_reads_only_the_rows_of_its_own_shard(prepared, tmp_path):
+    from spo_ray.data.store import RowIndex
+
+    class CountingRows(RowIndex):  # the rows every read takes from the part files, per rank
+        def read(self, ids):
+            with open(tmp_path / "read.txt", "a", encoding="utf-8") as fh:
+                fh.write(" ".join(map(str, ids)) + "\n")
+            return super().read(ids)
+
+    rows = CountingRows(
+        **{f.name: getattr(prepared.train_rows, f.name) for f in dataclasses.fields(RowIndex)}
+    )
+    counted = dataclasses.replace(prepared, train_rows=rows)
+    for rank in range(WORLD):
+        (tmp_path / "read.txt").unlink(missing_ok=True)
+        stream = read(train_shards(counted, WORLD, seed=2, epoch=0, rows_per_read=3)[f"train_rank{rank}"])
+        taken = [int(i) for i in (tmp_path / "read.txt").read_text().split()]
+        assert (
+            sorted(taken) == sorted(ex for _, _, ex in stream) and len(taken) == shard_plan(N, WORLD).per_rank
+        )
