@@ -266,7 +266,11 @@ def scale(args: argparse.Namespace, work_dir: Path, tokenizer: str) -> None:
     data = work_dir / f"pairs-{args.rows}.jsonl"
     if not data.exists():
         generate_rows(data, args.rows)
-    report = {"rows": args.rows, "tokenizer": tokenizer}
+    report = {
+        "rows": args.rows,
+        "tokenizer": tokenizer,
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+    }
     earlier = json.loads(Path(args.out).read_text()) if args.keep_before and Path(args.out).exists() else {}
     for label, code in (("before", args.before), ("after", str(Path(__file__).resolve().parents[1]))):
         if label == "before" and earlier.get("rows") == args.rows and "before" in earlier:
@@ -309,6 +313,7 @@ def scale(args: argparse.Namespace, work_dir: Path, tokenizer: str) -> None:
         "before": before["resume-again"]["seconds"],
         "after": after["resume-again"]["seconds"],
     }
+    report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     report["resume_seconds_ratio"] = round(
         report["resume_seconds"]["before"] / report["resume_seconds"]["after"], 2
     )
