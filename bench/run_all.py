@@ -270,6 +270,9 @@ def report(log: dict) -> None:
     quality = read_json(OUT / "quality.json") or {}
     data = read_json(OUT / "data.json") or {}
     results = headline(train, ray_runs, online, rollout, quality)
+    # bench_data.py --scale (needs an older checkout, so not a section): keep its last figures
+    scale = read_json(OUT / "data_scale.json") or read_json(BENCH_DIR / "results.json") or {}
+    results.update({k: scale.get(k) for k in ("data_read_amplification", "resume_seconds_ratio")})
     context = machine()
     results["machine"] = context
     results["run"] = log

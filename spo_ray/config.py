@@ -170,6 +170,12 @@ class TrainConfig:
         False,
         "score the data with the reference once before training (offline dpo/ipo/cdpo/rdpo: no reference forward per step)",
     )
+    reference_actors: int = option(
+        0,
+        "Ray Data actors that score the data once (precompute_ref_logps, SPPO's prev_logps), each with "
+        "cpus_per_worker CPUs and a GPU when use_gpu; 0: one per training worker (num_workers)",
+        ge=0,
+    )
     checkpoint_every: int = option(
         20, "save a resumable checkpoint every this many steps; 0 only at the end", ge=0
     )

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-import ray.train
 
 from spo_ray.config import DataConfig
 from spo_ray.data import permute, prepare_preference_data, shard_plan, train_shards
-from spo_ray.data.sharding import derive_key
+from spo_ray.data.sharding import derive_key, inverse_permute, shard_data_config
 
 N = 23  # odd: with 2 ranks one example per epoch is left over
 WORLD = 2
@@ -45,6 +45,7 @@ def test_permute_is_a_seeded_bijection_for_any_size():
     for n in (1, 2, 5, 64, 1000, 1025):
         values = np.arange(n)
         assert sorted(permute(values, n, key=7).tolist()) == list(range(n))
+        assert inverse_permute(permute(values, n, key=2**63 + 7), n, key=2**63 + 7).tolist() == list(range(n))
     assert permute(np.arange(1000), 1000, 1).tolist() != permute(np.arange(1000), 1000, 2).tolist()
 
 
@@ -76,7 +77,8 @@ def test_shuffle_is_deterministic_by_seed_and_differs_across_seeds_and_epochs(pr
 
 
 def test_resuming_at_epoch_and_position_continues_without_repeats_or_skips(prepared):
-    uninterrupted = train_shards(prepared, WORLD, seed=3, epoch=0, start=0, num_epochs=2)
+    # rows_per_read=2: each rank's stream comes from many read tasks running in parallel
+    uninterrupted = train_shards(prepared, WORLD, seed=3, epoch=0, start=0, num_epochs=2, rows_per_read=2)
     full = [read(uninterrupted[f"train_rank{r}"]) for r in range(WORLD)]
     assert [len(s) for s in full] == [22, 22]  # two epochs of 11 rows per rank
     # Interrupted mid-epoch 0 after 3 batches of 2 rows per rank (12 examples consumed globally) ...
@@ -99,12 +101,38 @@ def test_resuming_at_epoch_and_position_continues_without_repeats_or_skips(prepa
 
 
 def test_ray_train_data_config_hands_each_worker_its_shard_in_order(prepared):
-    shards = train_shards(prepared, WORLD, seed=5, epoch=0, start=0)
+    shards = train_shards(prepared, WORLD, seed=5, epoch=0, start=0, num_epochs=2, rows_per_read=2)
     expected = {name: read(ds) for name, ds in shards.items()}
-    # What TorchTrainer(datasets=shards, dataset_config=DataConfig(datasets_to_split=[])) gives each worker:
-    # Train's default ingest options (preserve_order off) replace the dataset's; the order must survive.
-    per_worker = ray.train.DataConfig(datasets_to_split=[]).configure(
+    # What TorchTrainer(datasets=shards, dataset_config=shard_data_config()) gives each worker: Train's
+    # ingest options replace the dataset's own, and the rank's read tasks run in parallel; the order must hold.
+    per_worker = shard_data_config().configure(
         datasets=shards, world_size=WORLD, worker_handles=None, worker_node_ids=None
     )
     for rank, iterators in enumerate(per_worker):
-        assert read(iterators[f"train_rank{rank}"]) == expected[f"train_rank{rank}"]
+        stream = read(iterators[f"train_rank{rank}"])
+        assert stream == expected[f"train_rank{rank}"]
+        assert [(epoch, pos) for epoch, pos, _ in stream] == [
+            (e, p) for e in (0, 1) for p in range(rank, 22, WORLD)
+        ]
+
+
+def test_each_rank_reads_only_the_rows_of_its_own_shard(prepared, tmp_path):
+    from spo_ray.data.store import RowIndex
+
+    class CountingRows(RowIndex):  # the rows every read takes from the part files, per rank
+        def read(self, ids):
+            with open(tmp_path / "read.txt", "a", encoding="utf-8") as fh:
+                fh.write(" ".join(map(str, ids)) + "\n")
+            return super().read(ids)
+
+    rows = CountingRows(
+        **{f.name: getattr(prepared.train_rows, f.name) for f in dataclasses.fields(RowIndex)}
+    )
+    counted = dataclasses.replace(prepared, train_rows=rows)
+    for rank in range(WORLD):
+        (tmp_path / "read.txt").unlink(missing_ok=True)
+        stream = read(train_shards(counted, WORLD, seed=2, epoch=0, rows_per_read=3)[f"train_rank{rank}"])
+        taken = [int(i) for i in (tmp_path / "read.txt").read_text().split()]
+        assert (
+            sorted(taken) == sorted(ex for _, _, ex in stream) and len(taken) == shard_plan(N, WORLD).per_rank
+        )

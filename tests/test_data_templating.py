@@ -152,3 +152,22 @@ def test_reg_prompts_come_from_the_prompt_file_or_else_from_the_train_prompts(ti
     assert [decode(p) for p in from_train] == [
         "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n"
     ]
+
+
+def test_reg_prompts_reach_each_worker_through_the_object_store_and_sample_as_the_lists_do(
+    ray_runtime, tiny_model_dir, tmp_path
+):
+    from spo_ray.config import RolloutConfig
+    from spo_ray.data import PromptSet
+    from spo_ray.train.online import OnlineSampler
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({**ROW, "prompt": f"Why {i}?"}) for i in range(7)) + "\n")
+    prompts = load_reg_prompts(DataConfig(train_files=[str(train)]), str(tiny_model_dir))
+    ref = ray_runtime.put(PromptSet.from_lists(prompts))  # what run_training puts in train_loop_config
+    cfg = RolloutConfig(prompts_per_step=5)
+    from_lists = OnlineSampler(None, prompts, cfg, rank=1, seed=3)
+    from_ref = OnlineSampler(None, ref, cfg, rank=1, seed=3)
+    assert len(from_ref.prompts) == 7 and [from_ref.prompts[i] for i in range(7)] == prompts
+    for step in range(3):
+        assert from_ref._prompts_for(step) == from_lists._prompts_for(step)

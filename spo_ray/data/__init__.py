@@ -9,9 +9,9 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time names load on fi
     from spo_ray.data.checks import inspect_paths, validate_paths
     from spo_ray.data.collate import PreferenceBatch, collate_preference_batch, response_logps
     from spo_ray.data.pipeline import PreparedData, prepare_preference_data
-    from spo_ray.data.prompts import load_reg_prompts, read_prompt_file
+    from spo_ray.data.prompts import PromptSet, load_reg_prompts, read_prompt_file
     from spo_ray.data.schema import REASONS, Example, RowProblem, detect_format, normalize_row
-    from spo_ray.data.sharding import ShardPlan, permute, shard_plan, train_shards
+    from spo_ray.data.sharding import ShardPlan, permute, shard_data_config, shard_plan, train_shards
     from spo_ray.data.templating import Templater
 
 # Public names and the module that defines each; imported on first use so `spo-ray --help` stays fast.
@@ -19,6 +19,7 @@ _EXPORTS = {
     "prepare_preference_data": "pipeline",
     "PreparedData": "pipeline",
     "train_shards": "sharding",
+    "shard_data_config": "sharding",
     "shard_plan": "sharding",
     "ShardPlan": "sharding",
     "permute": "sharding",
@@ -26,6 +27,7 @@ _EXPORTS = {
     "PreferenceBatch": "collate",
     "response_logps": "collate",
     "load_reg_prompts": "prompts",
+    "PromptSet": "prompts",
     "read_prompt_file": "prompts",
     "normalize_row": "schema",
     "detect_format": "schema",
@@ -42,6 +44,7 @@ __all__ = [
     "Example",
     "PreferenceBatch",
     "PreparedData",
+    "PromptSet",
     "RowProblem",
     "ShardPlan",
     "Templater",
@@ -54,6 +57,7 @@ __all__ = [
     "prepare_preference_data",
     "read_prompt_file",
     "response_logps",
+    "shard_data_config",
     "shard_plan",
     "train_shards",
     "validate_paths",

@@ -6,15 +6,17 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spo_ray.data import cache
 from spo_ray.data.processing import ChunkResult, is_fatal, iter_examples, process_chunk
 from spo_ray.data.schema import Example
-from spo_ray.data.sharding import derive_key, permute
+from spo_ray.data.sharding import derive_key
 from spo_ray.data.sources import Chunk, Source, config_sources, iter_chunk_rows, plan_chunks, unread_files
+from spo_ray.data.store import RowIndex
 from spo_ray.data.templating import load_tokenizer
 from spo_ray.errors import DataError
 
@@ -36,6 +38,8 @@ class PreparedData:
 
     train: ray.data.Dataset
     eval: ray.data.Dataset | None
+    train_rows: RowIndex  # random access by example id (what `train_shards` reads)
+    eval_rows: RowIndex | None
     num_train: int
     num_responses: int
     bad_rows: dict[str, int]
@@ -47,10 +51,21 @@ class PreparedData:
     pad_token_id: int = 0
     empty_files: list[str] = field(default_factory=list)  # input files that held no rows
     unread_files: list[str] = field(default_factory=list)  # files in data folders that are not read
+    cache_dir: str = ""  # OUTPUT/data/<key>: the tokenized parts
+    cache_reused: bool = False  # the parts came from an earlier preparation of the same inputs
+
+    def with_column(self, name: str, npy_path: str) -> PreparedData:
+        """A copy whose train rows carry a per-example column (a .npy array [num_train, n] by example id)."""
+        rows = self.train_rows.with_column(name, npy_path)
+        return replace(self, train_rows=rows, train=rows.dataset())
 
     def notes(self) -> list[str]:
         """The console lines a run prints after preparing its data: what was cut, skipped or not read."""
         lines = [self.truncation_note(), self.skipped_note()]
+        if self.cache_reused:
+            lines.append(
+                f"data: reusing the tokenized data in {self.cache_dir} (same files, tokenizer and settings)"
+            )
         if self.empty_files:
             lines.append(
                 f"data: {len(self.empty_files)} input files hold no rows: {_names(self.empty_files)}"
@@ -101,9 +116,8 @@ def _names(paths: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
-def _rowless_files(sources: list[Source], chunks: list[Chunk], results: list[ChunkResult]) -> list[str]:
+def _rowless_files(sources: list[Source], path_of: dict[int, str], results: list[ChunkResult]) -> list[str]:
     """Paths of the sources no row was read from (empty, blank lines only, a CSV header only, `[]`)."""
-    path_of = {chunk.index: chunk.path for chunk in chunks}
     read = Counter()
     for result in results:
         read[path_of[result.index]] += result.read
@@ -171,67 +185,40 @@ def _merge_quarantine(results: list[ChunkResult], out_dir: str) -> str | None:
             with open(part, "rb") as fh:
                 shutil.copyfileobj(fh, out)
     shutil.rmtree(os.path.dirname(parts[0]), ignore_errors=True)
+    for r in results:
+        r.quarantine = None
     return path
 
 
-def _read_parts(batch: dict[str, np.ndarray], n_all: int, n_eval: int, key: int, keep: str) -> Any:
-    """Read part files; example_id = offset + row; with an eval split keep one side, renumbered densely."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = []
-    for path, offset in zip(batch["path"], batch["offset"]):
-        table = pq.read_table(path)
-        number = np.arange(table.num_rows, dtype=np.int64) + int(offset)
-        if n_eval:
-            number = permute(number, n_all, key)
-            mask = number < n_eval if keep == "eval" else number >= n_eval
-            table = table.filter(pa.array(mask))
-            number = number[mask] - (0 if keep == "eval" else n_eval)
-        tables.append(table.add_column(0, "example_id", pa.array(number)))
-    return pa.concat_tables(tables)
-
-
-def _dataset(results: list[ChunkResult], n_all: int, n_eval: int, key: int, keep: str):
-    """A lazy dataset over the part files (one read task per file; no file listing)."""
-    import ray.data
-
-    parts, offset = [], 0
+def _row_index(results: list[ChunkResult], n_eval: int, key: int, held_out: bool) -> RowIndex | None:
+    """The index over the parts of `results` (None when no row is good); with n_eval, one side of the split."""
+    parts, starts, offset = [], [], 0
     for r in results:
-        if r.parquet:
-            parts.append({"path": r.parquet, "offset": offset})
+        if r.part:
+            parts.append(r.part)
+            starts.append(offset)
         offset += r.good
     if not parts:
         return None
-    ds = ray.data.from_items(parts, override_num_blocks=len(parts))
-    fn_kwargs = {"n_all": n_all, "n_eval": n_eval, "key": key, "keep": keep}
-    return ds.map_batches(_read_parts, batch_size=1, batch_format="numpy", fn_kwargs=fn_kwargs)
+    num_rows = n_eval if held_out else offset - n_eval
+    return RowIndex(tuple(parts), (*starts, offset), num_rows, n_eval, key, held_out)
 
 
-def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_dir: str) -> PreparedData:
-    """Read, normalize, template and tokenize the preference data into streaming Ray datasets.
-
-    Bad rows raise DataError (file:line: field: reason) with on_bad_rows=error; with skip they go to
-    OUTPUT/quarantine.jsonl and `bad_rows` counts them by reason."""
-    tokenizer = load_tokenizer(str(tokenizer_path))
-    train_sources, eval_sources = config_sources(data_cfg)
+def _tokenize(
+    data_cfg: DataConfig, tokenizer_path: str, sources: tuple[list[Source], list[Source]], folder: str
+) -> dict[str, Any]:
+    """Plan, read and tokenize every chunk into `folder`; apply the bad-row policy; the cache manifest."""
+    train_sources, eval_sources = sources
     train_chunks = plan_chunks(train_sources, ROWS_PER_CHUNK, "train")
     eval_chunks = plan_chunks(eval_sources, ROWS_PER_CHUNK, "eval", first_index=len(train_chunks))
     chunks = train_chunks + eval_chunks
-    work_dir = os.path.join(output_dir, "data")
-    shutil.rmtree(work_dir, ignore_errors=True)
     settings = {
+        **_settings(data_cfg),
         "tokenizer_path": str(tokenizer_path),
-        "max_length": data_cfg.max_length,
-        "max_prompt_length": data_cfg.max_prompt_length,
-        "format": data_cfg.format,
         "num_responses": peek_num_responses(chunks, data_cfg.format),
-        "on_bad_rows": data_cfg.on_bad_rows,
-        "on_long_rows": data_cfg.on_long_rows,
-        "out_dir": work_dir,
+        "out_dir": folder,
     }
     results = _process_all(chunks, settings)
-    bad = sum((r.bad for r in results), Counter())
     fatal = sorted((p for r in results for p in r.problems if is_fatal(p, settings)), key=lambda p: p.order)
     if fatal:
         first = fatal[0]
@@ -241,19 +228,66 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
             f"{first}\n({key}=error stops at the first such row; `spo-ray data validate PATH` lists all of "
             f"them, or set {key}={what})"
         )
-    empty_train = _rowless_files(train_sources, chunks, results)
-    empty_eval = _rowless_files(eval_sources, chunks, results)
+    path_of = {chunk.index: chunk.path for chunk in chunks}
+    empty_train = _rowless_files(train_sources, path_of, results)
+    empty_eval = _rowless_files(eval_sources, path_of, results)
     if len(empty_train) == len(train_sources):
         raise _no_rows_error("data.train_files", empty_train)
     if eval_sources and len(empty_eval) == len(eval_sources):
         raise _no_rows_error("data.eval_files", empty_eval)
-    quarantine = _merge_quarantine(results, output_dir)
+    quarantine = _merge_quarantine(results, folder)
+    for r in results:
+        r.part = os.path.relpath(r.part, folder) if r.part else None
+    return {
+        "num_responses": settings["num_responses"],
+        "results": [r.to_json() for r in results],
+        "empty_files": empty_train + empty_eval,
+        "quarantine": bool(quarantine),
+    }
+
+
+def _settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """The data settings that change what tokenization writes (part of the cache key)."""
+    return {
+        "max_length": data_cfg.max_length,
+        "max_prompt_length": data_cfg.max_prompt_length,
+        "format": data_cfg.format,
+        "on_bad_rows": data_cfg.on_bad_rows,
+        "on_long_rows": data_cfg.on_long_rows,
+    }
+
+
+def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_dir: str) -> PreparedData:
+    """Read, normalize, template and tokenize the preference data into streaming Ray datasets.
+
+    Bad rows raise DataError (file:line: field: reason) with on_bad_rows=error; with skip they go to
+    OUTPUT/quarantine.jsonl and `bad_rows` counts them by reason."""
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    sources = config_sources(data_cfg)
+    root = os.path.join(output_dir, "data")
+    settings = _settings(data_cfg)
+    key, inputs = cache.cache_key(sources[0] + sources[1], str(tokenizer_path), settings)
+    manifest = cache.read_manifest(root, key)
+    reused = manifest is not None
+    if manifest is None:
+        with cache.building(root, key) as folder:
+            manifest = {"inputs": inputs, **_tokenize(data_cfg, tokenizer_path, sources, folder)}
+            cache.write_manifest(folder, manifest)
+    cache_dir = os.path.join(root, key)
+    results = [ChunkResult.from_json(text) for text in manifest["results"]]
+    for r in results:
+        r.part = os.path.join(cache_dir, r.part) if r.part else None
+    bad = sum((r.bad for r in results), Counter())
+    quarantine = None
+    if manifest["quarantine"]:
+        quarantine = os.path.join(output_dir, "quarantine.jsonl")
+        shutil.copyfile(os.path.join(cache_dir, "quarantine.jsonl"), quarantine)
     train_results = [r for r in results if r.role == "train"]
     eval_results = [r for r in results if r.role == "eval"]
     n_all = sum(r.good for r in train_results)
     n_eval_files = sum(r.good for r in eval_results)
     n_split = 0
-    if data_cfg.eval_fraction > 0 and not eval_sources:
+    if data_cfg.eval_fraction > 0 and not sources[1]:
         n_split = max(1, round(data_cfg.eval_fraction * n_all)) if n_all > 1 else 0
     num_train = n_all - n_split
     if num_train < 1:
@@ -262,16 +296,18 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
             f"data.train_files: no usable training rows ({reasons}); see {quarantine or 'the input files'}"
         )
     split_key = derive_key(data_cfg.shuffle_seed, "eval_split")
-    train = _dataset(train_results, n_all, n_split, split_key, "train")
+    train_rows = _row_index(train_results, n_split, split_key, held_out=False)
     if n_split:
-        eval_ds = _dataset(train_results, n_all, n_split, split_key, "eval")
+        eval_rows = _row_index(train_results, n_split, split_key, held_out=True)
     else:
-        eval_ds = _dataset(eval_results, n_eval_files, 0, 0, "eval")
+        eval_rows = _row_index(eval_results, 0, 0, held_out=False)
     prepared = PreparedData(
-        train=train,
-        eval=eval_ds,
+        train=train_rows.dataset(),
+        eval=eval_rows.dataset() if eval_rows else None,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
         num_train=num_train,
-        num_responses=settings["num_responses"],
+        num_responses=manifest["num_responses"],
         bad_rows=dict(sorted(bad.items())),
         quarantine_path=quarantine,
         num_eval=n_split or n_eval_files,
@@ -279,10 +315,11 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
         prompts_truncated=sum(r.truncated for r in results),
         responses_truncated=sum(r.responses_truncated for r in results),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        empty_files=empty_train + empty_eval,
+        empty_files=manifest["empty_files"],
         unread_files=unread_files(data_cfg.train_files + data_cfg.eval_files),
+        cache_dir=cache_dir,
+        cache_reused=reused,
     )
-    os.makedirs(work_dir, exist_ok=True)
-    with open(os.path.join(work_dir, "summary.json"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(prepared.summary(), fh, indent=1)
     return prepared

@@ -1,4 +1,4 @@
-"""The work on one chunk, run inside Ray Data tasks: read, normalize, tokenize, write Parquet + quarantine."""
+"""The work on one chunk, run inside Ray Data tasks: read, normalize, tokenize, write an Arrow part + quarantine."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from spo_ray.data.sources import Chunk, RawRow, iter_chunk_rows
 from spo_ray.data.templating import Templater
 
 TOKENIZE_BATCH = 256  # rows per tokenizer call
-ROW_GROUP = 2048  # rows per Parquet row group
+ROW_GROUP = 2048  # rows per Arrow record batch
 MAX_PROBLEMS = 20  # problems kept per chunk (counts are always complete)
 
 
@@ -69,7 +69,7 @@ class ChunkResult:
     fatal: bool = False  # a bad row that stops the run (see `is_fatal`) was met
     bad: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
-    parquet: str | None = None
+    part: str | None = None  # the Arrow IPC file of the good rows (None: no good row)
     quarantine: str | None = None
 
     def to_json(self) -> str:
@@ -86,7 +86,8 @@ class ChunkResult:
 
 
 class _Writer:
-    """Good rows to `part-NNNNNN.parquet` (row groups of ROW_GROUP rows), bad rows to a quarantine part."""
+    """Good rows to `part-NNNNNN.arrow` (uncompressed Arrow IPC, memory-mappable: store.py takes single rows
+    from it), bad rows to a quarantine part."""
 
     def __init__(self, result: ChunkResult, out_dir: str):
         self.result, self.out_dir = result, out_dir
@@ -101,7 +102,6 @@ class _Writer:
 
     def _write(self) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         columns = [
             ("prompt_ids", pa.list_(pa.int32())),
@@ -121,10 +121,10 @@ class _Writer:
         schema = pa.schema(columns)
         table = pa.table(data, schema=schema)
         if self.table_writer is None:
-            path = os.path.join(self.out_dir, self.result.role, f"part-{self.result.index:06d}.parquet")
+            path = os.path.join(self.out_dir, self.result.role, f"part-{self.result.index:06d}.arrow")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.table_writer = pq.ParquetWriter(path, schema)
-            self.result.parquet = path
+            self.table_writer = pa.ipc.new_file(path, schema)
+            self.result.part = path
         self.table_writer.write_table(table)
 
     def bad(self, raw: RawRow, problem: RowProblem) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from spo_ray.data.schema import RowProblem, parse_prompt
 from spo_ray.data.sources import Chunk, config_sources, iter_chunk_rows, plan_chunks, resolve_sources
@@ -14,6 +17,29 @@ if TYPE_CHECKING:
     from spo_ray.config import DataConfig
 
 _BATCH = 512
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Token-id prompts in two flat arrays (cheap to put in Ray's object store and share read-only):
+    prompt i is ids[offsets[i]:offsets[i + 1]]."""
+
+    ids: np.ndarray  # [total tokens] int32
+    offsets: np.ndarray  # [num prompts + 1] int64
+
+    @classmethod
+    def from_lists(cls, prompts: list[list[int]]) -> PromptSet:
+        """Pack lists of token ids."""
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.fromiter((t for p in prompts for t in p), dtype=np.int32, count=int(offsets[-1]))
+        return cls(ids, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.ids[self.offsets[index] : self.offsets[index + 1]].tolist()
 
 
 def _reg_prompt(value: object) -> list[dict[str, str]]:

@@ -10,8 +10,10 @@ import numpy as np
 
 if TYPE_CHECKING:
     import ray.data
+    import ray.train
 
     from spo_ray.data.pipeline import PreparedData
+    from spo_ray.data.store import RowIndex
 
 _ROUNDS = 6
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -30,14 +32,27 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def permute(values: np.ndarray, n: int, key: int) -> np.ndarray:
-    """A keyed bijection of [0, n) applied elementwise: balanced Feistel network plus cycle walking."""
+def _round_keys(key: int) -> list[np.uint64]:
+    return [np.uint64(derive_key(key, "round", r)) for r in range(_ROUNDS)]
+
+
+def _half_bits(n: int) -> int:
+    return max(1, (max(n - 1, 1).bit_length() + 1) // 2)  # domain 4**half >= n
+
+
+def _check(values: np.ndarray, n: int, name: str) -> np.ndarray:
     values = np.asarray(values, dtype=np.int64)
     if values.size and (values.min() < 0 or values.max() >= n):
-        raise ValueError(f"permute: values must lie in [0, {n})")
-    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)  # domain 4**half >= n
+        raise ValueError(f"{name}: values must lie in [0, {n})")
+    return values
+
+
+def permute(values: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed bijection of [0, n) applied elementwise: balanced Feistel network plus cycle walking."""
+    values = _check(values, n, "permute")
+    half = _half_bits(n)
     mask = np.uint64((1 << half) - 1)
-    round_keys = [np.uint64(derive_key(key, "round", r)) for r in range(_ROUNDS)]
+    round_keys = _round_keys(key)
     out = values.astype(np.uint64)
     todo = np.ones(out.shape, dtype=bool)
     with np.errstate(over="ignore"):
@@ -46,6 +61,25 @@ def permute(values: np.ndarray, n: int, key: int) -> np.ndarray:
             left, right = x >> np.uint64(half), x & mask
             for round_key in round_keys:
                 left, right = right, left ^ (_mix(right ^ round_key) & mask)
+            out[todo] = (left << np.uint64(half)) | right
+            todo = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def inverse_permute(values: np.ndarray, n: int, key: int) -> np.ndarray:
+    """The inverse of `permute(., n, key)`: the rounds undone in reverse order, cycle-walking back into [0, n)."""
+    values = _check(values, n, "inverse_permute")
+    half = _half_bits(n)
+    mask = np.uint64((1 << half) - 1)
+    round_keys = _round_keys(key)[::-1]
+    out = values.astype(np.uint64)
+    todo = np.ones(out.shape, dtype=bool)
+    with np.errstate(over="ignore"):
+        while todo.any():
+            x = out[todo]
+            left, right = x >> np.uint64(half), x & mask
+            for round_key in round_keys:
+                left, right = right ^ (_mix(left ^ round_key) & mask), left
             out[todo] = (left << np.uint64(half)) | right
             todo = out >= np.uint64(n)
     return out.astype(np.int64)
@@ -80,65 +114,82 @@ def shard_plan(num_examples: int, world_size: int, start: int = 0) -> ShardPlan:
     return ShardPlan(num_examples, world_size, start, per_rank, num_examples - start - per_rank * world_size)
 
 
-ROWS_PER_SORTED_BLOCK = 8192
+ROWS_PER_READ = 1024  # positions one read task takes from the part files
 
 
-def _select_rank(
-    batch: Any,
-    n: int,
-    epochs: list[int],
-    keys: list[int],
-    starts: list[int],
-    ends: list[int],
-    w: int,
-    rank: int,
-) -> Any:
-    """This rank's rows of each epoch, tagged with epoch, epoch_position and stream_position (pyarrow)."""
+def _read_positions(batch: dict[str, np.ndarray], index: RowIndex, n: int, w: int, rank: int) -> Any:
+    """One read task: this rank's positions first..first+count-1 (k-th = start + rank + k*w) of one epoch,
+    mapped back to example ids with the inverse permutation and taken from the parts in position order."""
     import pyarrow as pa
 
-    ids = batch.column("example_id").to_numpy()
-    parts = []
-    for index, (epoch, key, start, end) in enumerate(zip(epochs, keys, starts, ends)):
-        position = permute(ids, n, key)
-        keep = (position >= start) & (position < end) & ((position - start) % w == rank)
-        part = batch.filter(pa.array(keep))
-        part = part.append_column("epoch", pa.array(np.full(len(part), epoch, dtype=np.int64)))
-        part = part.append_column("epoch_position", pa.array(position[keep]))
-        part = part.append_column("stream_position", pa.array(position[keep] + index * n))
-        parts.append(part)
-    return pa.concat_tables(parts)
+    tables = []
+    for epoch, key, start, first, count, offset in zip(
+        batch["epoch"], batch["key"], batch["start"], batch["first"], batch["count"], batch["offset"]
+    ):
+        position = int(start) + rank + w * (int(first) + np.arange(int(count), dtype=np.int64))
+        table = index.read(inverse_permute(position, n, int(key)))
+        table = table.append_column("epoch", pa.array(np.full(len(position), int(epoch), dtype=np.int64)))
+        table = table.append_column("epoch_position", pa.array(position))
+        tables.append(table.append_column("stream_position", pa.array(position + int(offset))))
+    return pa.concat_tables(tables)
 
 
 def train_shards(
-    prepared: PreparedData, world_size: int, seed: int, epoch: int, start: int = 0, num_epochs: int = 1
+    prepared: PreparedData,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    num_epochs: int = 1,
+    rows_per_read: int = ROWS_PER_READ,
 ) -> dict[str, ray.data.Dataset]:
     """One dataset per rank, "train_rank{r}": positions start+r, start+r+W, ... of epoch `epoch`, in order.
 
     num_epochs > 1 continues into the next epochs from 0. Rows carry epoch, epoch_position and
-    stream_position (the sort key; the sort is last, so Ray Train's ingest options keep the order)."""
+    stream_position. Each rank reads only its own rows: its positions are mapped to example ids with
+    the inverse permutation and taken from the memory-mapped parts, `rows_per_read` per task, streamed
+    (no sort, nothing read before the first batch but that batch's rows). Hand them to Ray Train with
+    `shard_data_config()`, which keeps the order."""
+    import ray.data
+
     if num_epochs < 1:
         raise ValueError(f"train_shards: num_epochs must be at least 1, got {num_epochs}")
     n = prepared.num_train
     plans = [shard_plan(n, world_size, start)] + [shard_plan(n, world_size, 0)] * (num_epochs - 1)
-    fn_kwargs = {
-        "n": n,
-        "epochs": [epoch + i for i in range(num_epochs)],
-        "keys": [derive_key(seed, "epoch", epoch + i) for i in range(num_epochs)],
-        "starts": [p.start for p in plans],
-        "ends": [p.end for p in plans],
-        "w": world_size,
-    }
-    # Sort partitions given up front (no sampling pass): equal ranges of the stream's positions.
-    rows_per_rank = sum(p.per_rank for p in plans)
-    parts = max(1, -(-rows_per_rank // ROWS_PER_SORTED_BLOCK))
-    low, high = start, (num_epochs - 1) * n + plans[-1].end
-    boundaries = sorted({low + (high - low) * i // parts for i in range(1, parts)})
+    tasks = []
+    for i, plan in enumerate(plans):
+        key = derive_key(seed, "epoch", epoch + i)
+        for first in range(0, plan.per_rank, rows_per_read):
+            count = min(rows_per_read, plan.per_rank - first)
+            tasks.append(
+                {
+                    "epoch": epoch + i,
+                    "key": str(key),  # a uint64 key does not fit an int64 column
+                    "start": plan.start,
+                    "first": first,
+                    "count": count,
+                    "offset": i * n,
+                }
+            )
     shards = {}
     for rank in range(world_size):
-        selected = prepared.train.map_batches(
-            _select_rank, batch_format="pyarrow", fn_kwargs={**fn_kwargs, "rank": rank}
+        ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+        ds = ds.map_batches(
+            _read_positions,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"index": prepared.train_rows, "n": n, "w": world_size, "rank": rank},
         )
-        shard = selected.sort("stream_position", boundaries=boundaries or None)
-        shard.context.execution_options.preserve_order = True
-        shards[f"train_rank{rank}"] = shard
+        ds.context.execution_options.preserve_order = True
+        shards[f"train_rank{rank}"] = ds
     return shards
+
+
+def shard_data_config() -> ray.train.DataConfig:
+    """Ray Train's dataset config for `train_shards`: no further split, and the order kept (the rank's
+    read tasks run in parallel; their blocks are handed out in stream order)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)

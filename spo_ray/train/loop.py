@@ -112,7 +112,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if cfg.loss.kl_coef > 0 and loop_config.get("rollout_pool") is not None:
         online = OnlineSampler(
             loop_config["rollout_pool"],
-            loop_config["reg_prompts"],
+            loop_config["reg_prompts_ref"],
             cfg.rollout,
             rank=rank,
             seed=cfg.train.seed,

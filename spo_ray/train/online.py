@@ -20,8 +20,13 @@ from spo_ray.rollout.types import RolloutError
 class OnlineSampler:
     """Draws regularization prompts per (rank, step) deterministically and fetches their samples."""
 
-    def __init__(self, pool, prompts: list[list[int]], rollout_cfg, *, rank: int, seed: int):
-        if not prompts:
+    def __init__(self, pool, prompts, rollout_cfg, *, rank: int, seed: int):
+        """`prompts`: token-id prompts (a list of lists or a PromptSet), or an object ref to them."""
+        import ray
+
+        if isinstance(prompts, ray.ObjectRef):
+            prompts = ray.get(prompts)  # a PromptSet: flat numpy arrays, read from the node's object store
+        if prompts is None or not len(prompts):
             raise ValueError("the global KL regularizer needs prompts, and none were found")
         self.pool = pool
         self.prompts = prompts

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from spo_ray.config import Config, config_to_dict
-from spo_ray.data import load_reg_prompts, prepare_preference_data, train_shards
+from spo_ray.data import PromptSet, load_reg_prompts, prepare_preference_data, shard_data_config, train_shards
 from spo_ray.errors import ConfigError, DiskFullError, is_disk_full
 from spo_ray.losses import get_loss
 from spo_ray.models.loading import load_tokenizer, resolve_model_dir
@@ -80,6 +80,17 @@ def epochs_needed(cfg: Config, num_examples: int, start: int, done_steps: int) -
     return 1 + math.ceil(beyond_first / per_epoch) + 1  # +1: batches straddle epoch ends
 
 
+def scoring_actors(cfg: Config) -> dict:
+    """How the one-off log-prob scoring runs: train.reference_actors actors (0: one per training worker),
+    each with a training worker's CPUs and, with train.use_gpu, a GPU."""
+    t = cfg.train
+    return {
+        "actors": t.reference_actors or t.num_workers,
+        "cpus_per_actor": t.cpus_per_worker,
+        "use_gpu": t.use_gpu,
+    }
+
+
 def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=None) -> dict:
     """Train per `cfg`, write `summary.json`, `metrics.jsonl` and `final/` into `cfg.output.dir`; return the summary.
 
@@ -108,10 +119,17 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
             raise ConfigError(
                 "train.precompute_ref_logps", f"loss {cfg.loss.name} needs reference logits every step"
             )
-        prepared = add_reference_logps(prepared, reference_dir, cfg.model.dtype, out / "reference_logps")
+        prepared = add_reference_logps(
+            prepared, reference_dir, cfg.model.dtype, out / "reference_logps", **scoring_actors(cfg)
+        )
     if "prev_logps" in spec.required_terms:  # SPPO: lp_t(y) under this round's start policy π_t
         prepared = add_reference_logps(
-            prepared, model_dir, cfg.model.dtype, out / "prev_logps", column="prev_logps"
+            prepared,
+            model_dir,
+            cfg.model.dtype,
+            out / "prev_logps",
+            column="prev_logps",
+            **scoring_actors(cfg),
         )
 
     storage = out / "checkpoints"
@@ -142,7 +160,8 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     if cfg.loss.kl_coef > 0:
         from spo_ray.rollout import RolloutPool
 
-        reg_prompts = load_reg_prompts(cfg.data, model_dir)
+        # in the object store, not in train_loop_config (which Ray pickles into every worker's start)
+        reg_prompts = ray.put(PromptSet.from_lists(load_reg_prompts(cfg.data, model_dir)))
         pool = rollout_pool or RolloutPool.from_config(model_dir, cfg.rollout)
     try:
         trainer = TorchTrainer(
@@ -154,7 +173,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 "pad_token_id": tokenizer.pad_token_id,
                 "output_dir": str(out),
                 "rollout_pool": pool,
-                "reg_prompts": reg_prompts,
+                "reg_prompts_ref": reg_prompts,
                 "ref_logps_precomputed": bool(precomputed),
                 "checkpoint_root": str(store.root),
                 "resume_from": str(latest) if latest else None,
@@ -174,7 +193,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             ),
             datasets=shards,
-            dataset_config=DataConfig(datasets_to_split=[]),
+            dataset_config=shard_data_config(),
         )
         result = trainer.fit()
     except Exception as exc:

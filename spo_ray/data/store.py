@@ -1,0 +1,153 @@
+"""Random access to the tokenized rows: example id -> part file and row, read from memory-mapped Arrow files.
+
+The tokenized parts are Arrow IPC files (uncompressed), so a reader maps them and takes just the rows it
+needs: a rank reads its own shard's rows and no others (README.md, "Sharding and resume").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from spo_ray.data.sharding import inverse_permute, permute
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+_MAPPED: dict[str, Any] = {}  # part path -> memory-mapped table, per process (Ray workers are reused)
+_MAX_MAPPED = 512
+
+
+def _mapped(path: str) -> pa.Table:
+    import pyarrow as pa
+
+    table = _MAPPED.get(path)
+    if table is None:
+        if len(_MAPPED) >= _MAX_MAPPED:
+            _MAPPED.clear()
+        with pa.ipc.open_file(pa.memory_map(path)) as reader:
+            table = reader.read_all()  # zero-copy: pages are read when a row is taken
+        _MAPPED[path] = table
+    return table
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    """Where each example id of one dataset (train or eval) lives in the part files.
+
+    Global row g is row g - starts[i] of parts[i]. Without a split, example_id = g. With an eval split
+    of `split_eval` rows, g's split number is permute(g, total, split_key): numbers below split_eval are
+    eval ids, the others are train ids (number - split_eval). `columns` adds per-example arrays
+    (`name`, .npy path of shape [num_rows, n]) indexed by example id, e.g. precomputed ref_logps.
+    """
+
+    parts: tuple[str, ...]
+    starts: tuple[int, ...]  # len(parts) + 1: first global row of each part, then the total
+    num_rows: int
+    split_eval: int = 0
+    split_key: int = 0
+    held_out: bool = False  # the eval side of the split
+    columns: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def total(self) -> int:
+        """Rows in all the parts (both sides of a split)."""
+        return self.starts[-1]
+
+    def with_column(self, name: str, npy_path: str) -> RowIndex:
+        """This index plus (or with a new) per-example column read from `npy_path`."""
+        kept = tuple((n, p) for n, p in self.columns if n != name)
+        return replace(self, columns=(*kept, (name, str(npy_path))))
+
+    def global_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Global row numbers of example ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not self.split_eval:
+            return ids
+        numbers = ids if self.held_out else ids + self.split_eval
+        return inverse_permute(numbers, self.total, self.split_key)
+
+    def example_ids(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of the global rows that belong to this dataset, their example ids)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.split_eval:
+            return np.ones(len(rows), dtype=bool), rows
+        numbers = permute(rows, self.total, self.split_key)
+        mask = numbers < self.split_eval if self.held_out else numbers >= self.split_eval
+        return mask, numbers[mask] - (0 if self.held_out else self.split_eval)
+
+    def read(self, ids: np.ndarray) -> pa.Table:
+        """The rows of `ids`, in that order: example_id, the token columns and the extra columns.
+
+        Only these rows are taken from the memory-mapped parts (no other row is decoded)."""
+        import pyarrow as pa
+
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = self.global_rows(ids)
+        part = np.searchsorted(np.asarray(self.starts), rows, side="right") - 1
+        order = np.argsort(part, kind="stable")  # group by part, keeping the requested order inside a part
+        pieces = []
+        for index in np.unique(part):
+            mine = order[part[order] == index]
+            local = rows[mine] - self.starts[index]
+            pieces.append(_mapped(self.parts[index]).take(pa.array(local)))
+        table = pa.concat_tables(pieces)
+        if len(pieces) > 1:
+            table = table.take(pa.array(np.argsort(order, kind="stable")))  # back to the order of `ids`
+        return self._finish(table, ids)
+
+    def _finish(self, table: pa.Table, ids: np.ndarray) -> pa.Table:
+        import pyarrow as pa
+
+        table = table.add_column(0, "example_id", pa.array(ids, type=pa.int64()))
+        for name, path in self.columns:
+            values = np.load(path, mmap_mode="r")[ids]  # [rows, n]
+            table = table.append_column(name, pa.array(values.tolist(), type=pa.list_(pa.float64())))
+        return table
+
+    def scan_part(self, index: int) -> pa.Table:
+        """Every row of part `index` that belongs to this dataset, in file order."""
+        import pyarrow as pa
+
+        table = _mapped(self.parts[index])
+        mask, ids = self.example_ids(np.arange(self.starts[index], self.starts[index + 1]))
+        if not mask.all():
+            table = table.filter(pa.array(mask))
+        return self._finish(table, ids)
+
+    def dataset(self) -> ray.data.Dataset:
+        """A lazy dataset of every row, part by part (one read task per part file)."""
+        import ray.data
+
+        items = [{"part": i} for i in range(len(self.parts))]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        return ds.map_batches(_scan_parts, batch_size=1, batch_format="numpy", fn_kwargs={"index": self})
+
+    def blocks(self, rows_per_block: int) -> ray.data.Dataset:
+        """A lazy dataset of every row in example-id order, in blocks of `rows_per_block` rows (so a pool
+        of actors shares the work evenly, and each block is the same batch whoever processes it)."""
+        import ray.data
+
+        items = [
+            {"first": f, "count": min(rows_per_block, self.num_rows - f)}
+            for f in range(0, self.num_rows, rows_per_block)
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        return ds.map_batches(_read_ids, batch_size=1, batch_format="numpy", fn_kwargs={"index": self})
+
+
+def _read_ids(batch: dict[str, np.ndarray], index: RowIndex) -> Any:
+    import pyarrow as pa
+
+    return pa.concat_tables(
+        [index.read(np.arange(int(f), int(f) + int(c))) for f, c in zip(batch["first"], batch["count"])]
+    )
+
+
+def _scan_parts(batch: dict[str, np.ndarray], index: RowIndex) -> Any:
+    import pyarrow as pa
+
+    return pa.concat_tables([index.scan_part(int(i)) for i in batch["part"]])
