@@ -29,9 +29,9 @@ import pyarrow.fs as pafs
 
 from spo_ray.errors import ConfigError
 
-# filesystem URI schemes pyarrow opens (file:// is a local path); the URI may carry pyarrow's query options,
-# e.g. s3://bucket/run?endpoint_override=localhost:9000&scheme=http
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+# object stores pyarrow opens as bucket/key paths (file:// is a local path); the URI may carry pyarrow's query
+# options, e.g. s3://bucket/run?endpoint_override=localhost:9000&scheme=http
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
 WORK_DIR_ENV = "SPO_RAY_WORK_DIR"  # where a remote run keeps its local scratch (default: the temp dir)
 
 
@@ -165,7 +165,8 @@ def location(text: str | os.PathLike | RemotePath) -> AnyPath:
     check_scheme(text, "")
     parts = urlsplit(text)
     fs = _filesystem(f"{scheme}://{parts.netloc}/" + (f"?{parts.query}" if parts.query else ""))
-    return RemotePath(fs, f"{parts.netloc}{unquote(parts.path)}", scheme)
+    bucket = parts.netloc.rsplit("@", 1)[-1]  # keys given as user:secret@ open the filesystem, never shown
+    return RemotePath(fs, f"{bucket}{unquote(parts.path)}", scheme)
 
 
 def is_remote(path) -> bool:

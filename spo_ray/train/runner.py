@@ -157,12 +157,12 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 "model_dir": model_dir,
                 "reference_dir": reference_dir,
                 "pad_token_id": tokenizer.pad_token_id,
-                "output_dir": out if storage.is_remote(out) else str(out),  # a RemotePath carries its fs
+                "output_dir": _for_workers(out),
                 "rollout_pool": pool,
                 "reg_prompts": reg_prompts,
                 "ref_logps_precomputed": bool(precomputed),
-                "checkpoint_root": store.root if storage.is_remote(out) else str(store.root),
-                "resume_from": (latest if storage.is_remote(out) else str(latest)) if latest else None,
+                "checkpoint_root": _for_workers(store.root),
+                "resume_from": _for_workers(latest) if latest else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=world,
@@ -217,6 +217,11 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _for_workers(path: storage.AnyPath) -> str | storage.RemotePath:
+    """A local path travels to the workers as text; a RemotePath as itself (it carries its filesystem)."""
+    return path if storage.is_remote(path) else str(path)
 
 
 def _ray_storage(root: storage.AnyPath) -> dict:
