@@ -319,7 +319,11 @@ class LoggingConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = option("outputs/run", "output dir: checkpoints, metrics.jsonl, summary.json, final/")
+    dir: str = option(
+        "outputs/run",
+        "output dir: checkpoints, metrics.jsonl, summary.json, final/; a local path or a filesystem URI "
+        "(file://, s3://, gs://, ...) that every node can reach (README: Output locations)",
+    )
 
 
 @dataclass
@@ -483,6 +487,9 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             f"{cfg.rollout.max_policy_lag} is below the lag that sync_every={cfg.rollout.sync_every} and "
             f"overlap={cfg.rollout.overlap} produce ({needed_lag}); raise it or sync more often",
         )
+    from spo_ray.storage import check_scheme
+
+    check_scheme(cfg.output.dir, "output.dir")
     if check_files:
         _check_files(cfg)
     return cfg

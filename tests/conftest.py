@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dummy S3 keys for tests/test_storage_uri.py's local S3 server (moto): set before the session's Ray runtime
+# starts so that its workers inherit them and sign their uploads (they never reach a real AWS endpoint)
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from spo_ray.errors import ConfigError
 from spo_ray.eval.win_rate import head_to_head, mean_score, monte_carlo_entropy
 from spo_ray.iterate.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
 from spo_ray.judges.base import JudgeRequest, build_judge, total_failures
+from spo_ray.storage import local_output
 
 
 def run_iterate(cfg: Config) -> dict:
@@ -41,7 +42,7 @@ def run_iterate(cfg: Config) -> dict:
 
     started = time.perf_counter()
     kind = _example_kind(cfg)
-    out = Path(cfg.output.dir).resolve()
+    out = local_output(cfg.output.dir, "spo-ray iterate")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     ensure_ray(cfg, extra_cpus=_extra_cpus(cfg))
@@ -98,7 +99,7 @@ class _Round:
         self.cfg, self.task, self.prompts, self.pool, self.judge = cfg, task, prompts, pool, judge
         tokenizer_dir = cfg.model.reference_path
         self.templater = Templater.from_path(tokenizer_dir, cfg.data.max_length, cfg.data.max_prompt_length)
-        self.rounds_dir = Path(cfg.output.dir).resolve() / "rounds"
+        self.rounds_dir = local_output(cfg.output.dir, "spo-ray iterate") / "rounds"
         self.eval_prompts = prompts[: cfg.iterate.eval_prompts]
 
     def run(self, number: int, current: str, kind: str, previous: dict, reference: dict) -> dict:

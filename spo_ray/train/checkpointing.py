@@ -3,6 +3,8 @@
 `CheckpointStore` is the one place that decides which checkpoint is the latest complete one: the driver
 starts the data stream from it and every worker restores its weights from it, so the two never disagree.
 A checkpoint is complete when its manifest (written last, sizes and SHA-256 of rank 0's files) verifies.
+The store, `checkpoint_problem` and `read_state` take a local folder or a remote one (`spo_ray.storage`); saving
+and loading work on a local folder (Ray Train uploads a saved one; workers download the one they load).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from spo_ray import storage
 from spo_ray.errors import UserError
 from spo_ray.models.sharding import (
     full_model_state_dict,
@@ -142,8 +146,9 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer) -> int:
 
 
 def space_shortfall(directory: str | os.PathLike, needed: int) -> str | None:
-    """None when the filesystem holding `directory` has room for `needed` bytes (plus 5% and 1 MiB)."""
-    directory = Path(directory)
+    """None when the filesystem holding `directory` has room for `needed` bytes (plus 5% and 1 MiB); for a
+    remote `directory`, the local temp dir each checkpoint is written to before it is uploaded."""
+    directory = Path(tempfile.gettempdir()) if storage.is_remote(directory) else Path(directory)
     while not directory.exists():
         directory = directory.parent
     free = shutil.disk_usage(directory).free
@@ -152,7 +157,7 @@ def space_shortfall(directory: str | os.PathLike, needed: int) -> str | None:
     return f"a checkpoint needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: storage.AnyPath) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -183,7 +188,7 @@ def checkpoint_problem(directory: str | os.PathLike, hashes: bool = True) -> str
 
     `hashes=False` checks the manifest and the sizes only (a save cut off), not the SHA-256 (a damaged file):
     reading every byte is what the driver does once per run, not what each worker repeats after each save."""
-    directory = Path(directory)
+    directory = storage.location(directory)
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
     except FileNotFoundError:
@@ -194,8 +199,9 @@ def checkpoint_problem(directory: str | os.PathLike, hashes: bool = True) -> str
         path = directory / name
         if not path.exists():
             return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
         if hashes and _sha256(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     return None
@@ -236,8 +242,8 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))
 
 
-def read_state(directory: str | os.PathLike) -> TrainState:
-    return TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+def read_state(directory: str | os.PathLike | storage.RemotePath) -> TrainState:
+    return TrainState(**json.loads((storage.location(directory) / STATE_FILE).read_text()))
 
 
 _CHECKPOINT_FILES = (STATE_FILE, MODEL_FILE, OPTIM_FILE, MANIFEST_FILE, MANIFEST_FILE + ".tmp")
@@ -249,21 +255,22 @@ class CheckpointStore:
     Ray Train writes each checkpoint into its own folder under `root/<ray run>/`; a folder counts only when its
     manifest verifies (`checkpoint_problem`). Folders Ray never recorded (a driver killed mid-save) are
     judged the same way, so the driver's data position and the workers' weights come from one answer.
+    `root` may be a remote location (`spo_ray.storage`): folders are then `RemotePath`s, same semantics.
     """
 
-    def __init__(self, root: str | os.PathLike, hashes: bool = True):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike | storage.RemotePath, hashes: bool = True):
+        self.root = storage.location(root)
         self.hashes = hashes  # False: sizes only (see checkpoint_problem)
 
-    def folders(self) -> list[Path]:
+    def folders(self) -> list[storage.AnyPath]:
         """Every folder under root holding checkpoint files, complete or not."""
-        found = []  # os.walk skips a folder deleted while it walks (another process pruning), glob raises
-        for directory, _, names in os.walk(self.root):
+        found = []
+        for directory, names in storage.walk_files(self.root):
             if any(name in _CHECKPOINT_FILES or name.startswith("rng_rank") for name in names):
-                found.append(Path(directory))
+                found.append(directory)
         return sorted(found)
 
-    def complete(self) -> list[tuple[int, Path]]:
+    def complete(self) -> list[tuple[int, storage.AnyPath]]:
         """(step, folder) of every complete checkpoint, oldest first (ties: older folder first)."""
         done = []
         for folder in self.folders():
@@ -271,12 +278,12 @@ class CheckpointStore:
                 done.append((read_state(folder).step, folder.stat().st_mtime, folder))
         return [(step, folder) for step, _, folder in sorted(done)]
 
-    def latest(self) -> Path | None:
+    def latest(self) -> storage.AnyPath | None:
         """The newest complete checkpoint (highest step), or None when there is none."""
         done = self.complete()
         return done[-1][1] if done else None
 
-    def prune(self, keep: int, log=print) -> list[tuple[int, Path]]:
+    def prune(self, keep: int, log=print) -> list[tuple[int, storage.AnyPath]]:
         """Delete incomplete folders and all but the newest `keep` complete ones, saying why for each;
         return the (step, folder) kept, oldest first (one verification pass serves both).
 
@@ -295,7 +302,7 @@ class CheckpointStore:
                 else f"older than the newest {keep} (train.keep_checkpoints)"
             )
             log(f"removing checkpoint folder {folder} ({reason})")
-            shutil.rmtree(folder, ignore_errors=True)
+            storage.remove_tree(folder)
         return kept
 
     def remove_finished_runs(self, current: str | None = None) -> None:
@@ -303,4 +310,4 @@ class CheckpointStore:
         holding = {folder.relative_to(self.root).parts[0] for folder in self.folders()}
         for run in self.root.iterdir() if self.root.exists() else []:
             if run.is_dir() and run.name not in holding and run.name != current:
-                shutil.rmtree(run, ignore_errors=True)
+                storage.remove_tree(run)

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import tempfile
 
+from spo_ray import storage
 from spo_ray.models.loading import DTYPES, load_policy_and_reference, load_tokenizer
 from spo_ray.train.checkpointing import load_model_weights
 
 
 def export_final_model(
-    model_cfg, model_dir: str, checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike
-) -> Path:
+    model_cfg,
+    model_dir: str,
+    checkpoint_dir: str | os.PathLike | storage.RemotePath,
+    out_dir: str | os.PathLike | storage.RemotePath,
+) -> storage.AnyPath:
     """Load the checkpoint's weights (every tensor, strictly) into the starting architecture, merge LoRA, and
-    save a plain HF folder in `model.dtype`."""
-    out = Path(out_dir)
+    save a plain HF folder in `model.dtype`. Either folder may be remote (`spo_ray.storage`): the checkpoint
+    is downloaded first, the export written locally and uploaded."""
+    out = storage.location(out_dir)
     policy, _, _ = load_policy_and_reference(model_cfg, model_dir, model_dir, need_reference=False)
-    load_model_weights(policy, checkpoint_dir)
+    with storage.local_copy(checkpoint_dir) as local_checkpoint:
+        load_model_weights(policy, local_checkpoint)
     if model_cfg.lora.r > 0:
         policy = policy.merge_and_unload()
-    policy.to(DTYPES[model_cfg.dtype]).save_pretrained(out, safe_serialization=True)
-    load_tokenizer(model_dir).save_pretrained(out)
+    with tempfile.TemporaryDirectory(prefix="spo_ray_final_") as tmp:
+        local_out = tmp if storage.is_remote(out) else out
+        policy.to(DTYPES[model_cfg.dtype]).save_pretrained(local_out, safe_serialization=True)
+        load_tokenizer(model_dir).save_pretrained(local_out)
+        if storage.is_remote(out):
+            storage.remove_tree(out)  # no file of an earlier export survives next to this one
+            storage.upload_dir(tmp, out)
     return out

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from spo_ray.config import Config
+from spo_ray.storage import local_output
 from spo_ray.train.runner import run_training
 
 
@@ -57,7 +58,7 @@ def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
     from spo_ray.eval.plots import plot_curves, plot_expert_distributions
     from spo_ray.train.metrics import read_metrics
 
-    out = Path(cfg.output.dir).resolve()
+    out = local_output(cfg.output.dir, "task.name=synthetic_expert (its evaluation and plots)")
     out.mkdir(parents=True, exist_ok=True)
     cfg, task = prepare_expert_task(cfg, task_root or out)
     alpha, beta = cfg.loss.alpha, cfg.loss.beta

@@ -16,6 +16,7 @@ from spo_ray.config import config_from_dict
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import load_policy_and_reference
+from spo_ray.storage import local_copy
 from spo_ray.train.checkpointing import (
     CheckpointStore,
     TrainState,
@@ -95,7 +96,10 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if newest is not None and (resume_dir is None or read_state(newest).step > read_state(resume_dir).step):
         resume_dir = newest
     if resume_dir is not None:
-        state = load_checkpoint(resume_dir, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler)
+        with local_copy(resume_dir) as local_dir:  # a remote checkpoint is downloaded first
+            state = load_checkpoint(
+                local_dir, rank=rank, model=policy, optimizer=optimizer, scheduler=scheduler
+            )
 
     step_ctx = StepContext(
         policy=policy,
@@ -196,6 +200,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if _on_any_rank(shortfall is not None, world, device):  # every rank stops at this same step
                 stopped = {"disk_full": shortfall or "another rank could not write its files"}
                 break
+            for writer in (logger, trace):  # a remote output dir gets the lines up to this checkpoint
+                if writer is not None:
+                    writer.sync()
             _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics)
             if rank == 0:  # the folder just reported is the newest; older and torn ones go
                 store.prune(cfg.train.keep_checkpoints)

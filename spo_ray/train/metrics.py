@@ -1,4 +1,8 @@
-"""Metrics sinks on rank 0: `metrics.jsonl`, Weights & Biases (offline by default), a console progress bar."""
+"""Metrics sinks on rank 0: `metrics.jsonl`, Weights & Biases (offline by default), a console progress bar.
+
+With a remote output dir (`spo_ray.storage`) the JSON-lines files are appended in a local staging folder and
+uploaded whole by `sync()` (object stores cannot append): the loop syncs before each checkpoint, so the
+remote file always covers the newest checkpoint a resume can start from."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from spo_ray import storage
 
 PROGRESS_KEYS = ("loss", "kl_k1", "accuracy", "pairs_per_s")
 
@@ -24,9 +30,8 @@ class MetricsLogger:
         start_step: int,
         desc: str = "train",
     ):
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl_after(self.path, start_step)
+        self.file = StagedJsonl(output_dir, "metrics.jsonl", start_step)
+        self.path = self.file.local
         self.write_error: str | None = (
             None  # set when the disk filled up; the loop stops at its next checkpoint
         )
@@ -59,11 +64,16 @@ class MetricsLogger:
             self.progress.set_postfix({k: f"{metrics[k]:.4g}" for k in PROGRESS_KEYS if k in metrics})
         if step % self.log_every:
             return
-        self.write_error = self.write_error or append_line(self.path, json.dumps({"step": step, **metrics}))
+        self.write_error = self.write_error or self.file.append(json.dumps({"step": step, **metrics}))
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def sync(self) -> None:
+        """Make the output dir's metrics.jsonl hold every line logged so far (an upload when remote)."""
+        self.file.sync()
+
     def close(self) -> None:
+        self.file.sync()
         if self.progress is not None:
             self.progress.close()
         if self.wandb_run is not None:
@@ -91,19 +101,56 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+class StagedJsonl:
+    """A JSON-lines file of the output dir: appended in place when local; when remote, appended to a local copy
+    (in `storage.work_dir`) that `sync()` uploads whole. Opening it drops lines past `start_step` (a resume)."""
+
+    def __init__(self, output_dir, name: str, start_step: int):
+        out = storage.location(output_dir)
+        self.target = out / name
+        if storage.is_remote(out):
+            self.local = storage.work_dir(out) / "staged" / name
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            if self.target.exists():
+                self.local.write_bytes(self.target.read_bytes())
+            else:
+                self.local.unlink(missing_ok=True)
+        else:
+            self.local = self.target
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl_after(self.local, start_step)
+        self.synced = not storage.is_remote(out)  # a remote copy is first uploaded at the first line
+        if storage.is_remote(out):
+            self.sync()
+
+    def append(self, line: str) -> str | None:
+        error = append_line(self.local, line)
+        if not self.synced:  # the first line upload tells the driver a step landed (FirstStepWatch)
+            self.sync()
+            self.synced = True
+        return error
+
+    def sync(self) -> None:
+        if self.local != self.target and self.local.exists():
+            self.target.write_bytes(self.local.read_bytes())
+
+
 class RowTrace:
     """`rows_rank<r>.jsonl`: the example ids this rank trained on at each optimizer step (logging.row_trace)."""
 
     def __init__(self, output_dir: str, rank: int, start_step: int):
-        self.path = Path(output_dir) / f"rows_rank{rank}.jsonl"
-        truncate_jsonl_after(self.path, start_step)
-
+        self.file = StagedJsonl(output_dir, f"rows_rank{rank}.jsonl", start_step)
+        self.path = self.file.local
         self.write_error: str | None = None
 
     def log(self, step: int, example_ids: list[int]) -> None:
-        self.write_error = self.write_error or append_line(
-            self.path, json.dumps({"step": step, "ids": example_ids})
+        self.write_error = self.write_error or self.file.append(
+            json.dumps({"step": step, "ids": example_ids})
         )
+
+    def sync(self) -> None:
+        """Make the output dir's copy hold every line logged so far (an upload when remote)."""
+        self.file.sync()
 
 
 def append_line(path: Path, line: str) -> str | None:
@@ -120,11 +167,11 @@ def append_line(path: Path, line: str) -> str | None:
 
 def read_row_trace(output_dir: str | os.PathLike, rank: int = 0) -> dict[int, list[int]]:
     """step -> example ids of one rank's trace; the last line of a step wins."""
-    path = Path(output_dir) / f"rows_rank{rank}.jsonl"
+    path = storage.location(output_dir) / f"rows_rank{rank}.jsonl"
     return {row["step"]: row["ids"] for row in _read_jsonl(path)}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: storage.AnyPath) -> list[dict]:
     rows = []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
@@ -141,4 +188,4 @@ def _stable_run_id(output_dir: Path) -> str:
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    return _read_jsonl(Path(output_dir) / "metrics.jsonl")
+    return _read_jsonl(storage.location(output_dir) / "metrics.jsonl")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 import ray
 
+from spo_ray import storage
 from spo_ray.config import Config
 from spo_ray.errors import ConfigError
 
@@ -95,16 +95,16 @@ class FirstStepWatch:
 
     _current: FirstStepWatch | None = None
 
-    def __init__(self, cfg: Config, output_dir: Path, after_s: float | None = None):
+    def __init__(self, cfg: Config, output_dir: storage.AnyPath, after_s: float | None = None):
         self.asked = _asked_text(resources_asked(cfg))
-        self.metrics = Path(output_dir) / "metrics.jsonl"
+        self.metrics = storage.location(output_dir) / "metrics.jsonl"  # local, or remote (spo_ray.storage)
         self.after_s = WAIT_NOTE_AFTER_S if after_s is None else after_s
         self.started = time.time()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spo-ray-first-step-watch", daemon=True)
 
     @classmethod
-    def start(cls, cfg: Config, output_dir: Path) -> FirstStepWatch:
+    def start(cls, cfg: Config, output_dir: storage.AnyPath) -> FirstStepWatch:
         """Start watching (and stop the watch of an earlier run in this process)."""
         if cls._current is not None:
             cls._current.stop()

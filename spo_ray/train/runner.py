@@ -3,6 +3,10 @@
 `run_training(cfg)` is what `spo-ray train` and `jobs/train_spo.py` call. Re-running it on the same output
 dir resumes from the latest complete checkpoint (`CheckpointStore`): the data stream starts at its position
 and every worker restores its weights from it.
+
+`output.dir` may be a filesystem URI (`spo_ray.storage`): checkpoints, metrics.jsonl, config.json,
+summary.json and final/ then live there, and the driver's scratch (tokenized data, a built model) lives in
+the local `storage.work_dir`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from spo_ray import storage
 from spo_ray.config import Config, config_to_dict
 from spo_ray.data import PromptSet, load_reg_prompts, prepare_preference_data, shard_data_config, train_shards
 from spo_ray.errors import ConfigError, DiskFullError, is_disk_full
@@ -98,18 +103,19 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     online KL samples instead of starting one (iterative rounds share theirs); the caller shuts it down.
     """
     started = time.perf_counter()
-    out = Path(cfg.output.dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.output_location(cfg.output.dir)  # a local Path, or a RemotePath for a URI
+    work = storage.work_dir(out)  # local scratch: `out` itself unless remote
+    work.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     ensure_ray(cfg)
     check_cluster_resources(cfg)  # before any work: a run the cluster cannot hold would wait forever
     watch = FirstStepWatch.start(cfg, out)  # says what the run waits for if no step comes within a minute
     ray.data.DataContext.get_current().enable_progress_bars = False  # the training bar is the one to watch
 
-    model_dir = resolve_model_dir(cfg.model, out)
+    model_dir = resolve_model_dir(cfg.model, work)
     reference_dir = cfg.model.reference_path or model_dir
     tokenizer = load_tokenizer(model_dir)
-    prepared = prepare_preference_data(cfg.data, model_dir, str(out))
+    prepared = prepare_preference_data(cfg.data, model_dir, str(work))
     for note in prepared.notes():  # what was cut, skipped or not read: nothing is dropped without a word
         print(note, flush=True)
     spec = get_loss(cfg.loss.name)
@@ -120,20 +126,19 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 "train.precompute_ref_logps", f"loss {cfg.loss.name} needs reference logits every step"
             )
         prepared = add_reference_logps(
-            prepared, reference_dir, cfg.model.dtype, out / "reference_logps", **scoring_actors(cfg)
+            prepared, reference_dir, cfg.model.dtype, work / "reference_logps", **scoring_actors(cfg)
         )
     if "prev_logps" in spec.required_terms:  # SPPO: lp_t(y) under this round's start policy π_t
         prepared = add_reference_logps(
             prepared,
             model_dir,
             cfg.model.dtype,
-            out / "prev_logps",
+            work / "prev_logps",
             column="prev_logps",
             **scoring_actors(cfg),
         )
 
-    storage = out / "checkpoints"
-    store = CheckpointStore(storage)
+    store = CheckpointStore(out / "checkpoints")
     kept = store.prune(cfg.train.keep_checkpoints)  # folders a killed run left half-written go first
     store.remove_finished_runs()
     latest = kept[-1][1] if kept else None
@@ -171,12 +176,12 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 "model_dir": model_dir,
                 "reference_dir": reference_dir,
                 "pad_token_id": tokenizer.pad_token_id,
-                "output_dir": str(out),
+                "output_dir": _for_workers(out),
                 "rollout_pool": pool,
                 "reg_prompts_ref": reg_prompts,
                 "ref_logps_precomputed": bool(precomputed),
-                "checkpoint_root": str(store.root),
-                "resume_from": str(latest) if latest else None,
+                "checkpoint_root": _for_workers(store.root),
+                "resume_from": _for_workers(latest) if latest else None,
             },
             scaling_config=ScalingConfig(
                 num_workers=world,
@@ -187,7 +192,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 # a new Ray run per driver start: Ray's own record of an earlier one may name a checkpoint
                 # the store pruned (Ray refuses to start then); the store reads every run's folders
                 name=f"{RUN_NAME}_{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(storage),
+                **_ray_storage(store.root),
                 # CheckpointStore prunes (it also sees folders Ray never recorded); Ray keeps every one it did
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -199,7 +204,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     except Exception as exc:
         if is_disk_full(exc):  # one message instead of each retry's traceback
             raise disk_full_error(
-                out, store, f"a write failed with {shutil.disk_usage(out).free / 2**20:.1f} MiB free"
+                work, store, f"a write failed with {shutil.disk_usage(work).free / 2**20:.1f} MiB free"
             ) from exc
         raise
     finally:
@@ -208,7 +213,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
             pool.shutdown()
     stopped = result.return_value or {}  # rank 0's: the workers stopped together before a save
     if stopped.get("disk_full"):
-        raise disk_full_error(out, store, stopped["disk_full"])
+        raise disk_full_error(work, store, stopped["disk_full"])
     final_dir = store.prune(cfg.train.keep_checkpoints)[-1][1]
     store.remove_finished_runs()
     final_state = read_state(final_dir)
@@ -231,6 +236,18 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _for_workers(path: storage.AnyPath) -> str | storage.RemotePath:
+    """A local path travels to the workers as text; a RemotePath as itself (it carries its filesystem)."""
+    return path if storage.is_remote(path) else str(path)
+
+
+def _ray_storage(root: storage.AnyPath) -> dict:
+    """RunConfig's storage arguments: a local path, or a path inside the remote location's filesystem."""
+    if storage.is_remote(root):
+        return {"storage_path": root.path, "storage_filesystem": root.fs}
+    return {"storage_path": str(root), "storage_filesystem": None}
 
 
 def disk_full_error(out: Path, store: CheckpointStore, what: str) -> DiskFullError:
