@@ -28,8 +28,11 @@ class WeightTransport(ABC):
     """Moves one state dict into every engine of a rollout manager, then records its version."""
 
     @abstractmethod
-    def sync(self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
-        """Return once every engine serves `state_dict` as `version`."""
+    def sync(
+        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+    ) -> dict[str, Any]:
+        """Return once every engine serves `state_dict` as `version`: a report of what moved where
+        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release transport resources (process groups); the default has none."""
@@ -43,9 +46,12 @@ def put_weights(state_dict: dict[str, torch.Tensor]) -> ray.ObjectRef:
 class ObjectStoreTransport(WeightTransport):
     """Safetensors bytes through the Ray object store: works everywhere, CPU included."""
 
-    def sync(self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+    def sync(
+        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+    ) -> dict[str, Any]:
         ref = put_weights(state_dict)
-        ray.get(manager.load_weights.remote([ref], version), timeout=timeout_s)
+        here = ray.get_runtime_context().get_node_id()
+        return ray.get(manager.load_weights.remote([ref], version, here), timeout=timeout_s)
 
 
 class VllmTransferTransport(WeightTransport):
@@ -65,7 +71,9 @@ class VllmTransferTransport(WeightTransport):
         self.source: Any = None  # vLLM WeightSource, built on first connect
         self.client: _EngineClient | None = None
 
-    def sync(self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+    def sync(
+        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+    ) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise RolloutError(f"transport '{self.backend}' needs a CUDA device in the process that syncs")
         replacements, handles = ray.get(manager.engine_handles.remote(), timeout=timeout_s)
@@ -79,6 +87,8 @@ class VllmTransferTransport(WeightTransport):
         # A CPU copy in the object store, so a replacement engine can load these weights on its own.
         cpu_copy = put_weights({name: t.detach().to("cpu") for name, t in state_dict.items()})
         ray.get(manager.record_synced.remote([cpu_copy], version), timeout=timeout_s)
+        size = sum(t.numel() * t.element_size() for t in state_dict.values())
+        return {"bytes": size, "bytes_to_other_nodes": 0, "engine_nodes": []}  # moved by NCCL / IPC, not Ray
 
     def _connect(self, handles: list[Any], timeout_s: float) -> None:
         from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
