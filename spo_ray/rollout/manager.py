@@ -26,10 +26,10 @@ from ray.exceptions import (
     RayError,
     RayTaskError,
 )
-from ray.experimental import get_object_locations
 
 from spo_ray.rollout.engines import engine_class
 from spo_ray.rollout.placement import Placement
+from spo_ray.rollout.transports import copies_report
 from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -288,27 +288,7 @@ class RolloutManager:
                 self._settle(slot, late)
                 self._replace(slot, inc, f"engine {slot.index} did not load weights within timeout_s")
         self.policy_version = version
-        return self._transfer_report(ref, source_node)
-
-    def _transfer_report(self, ref: ray.ObjectRef, source_node: str) -> dict[str, Any]:
-        """Payload size, engine nodes, and bytes copied to nodes other than `source_node` (from Ray's object
-        directory; a pull is recorded there shortly after it completes, so wait briefly for every engine node)."""
-        engine_nodes = {slot.node_id for slot in self.slots}
-        deadline = time.monotonic() + 2.0
-        while True:
-            location = get_object_locations([ref], timeout_ms=5000).get(ref, {})
-            copies = set(location.get("node_ids") or [])
-            if not copies or engine_nodes <= copies or time.monotonic() > deadline:  # none: inlined (<100 KB)
-                break
-            time.sleep(0.05)
-        size = int(location.get("object_size") or 0)
-        remote_copies = copies - {source_node} if source_node else set()
-        return {
-            "bytes": size,
-            "engine_nodes": sorted(engine_nodes),
-            "copies_on_nodes": sorted(copies),
-            "bytes_to_other_nodes": size * len(remote_copies),
-        }
+        return copies_report(ref, {slot.node_id for slot in self.slots}, source_node)
 
     def record_synced(self, ref_box: list[ray.ObjectRef], version: int) -> None:
         """A GPU transport delivered `version`; `ref_box[0]` is its CPU copy for replacements."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
 import ray
 import torch
+from ray.experimental import get_object_locations
 
 from spo_ray.rollout.serialization import state_dict_to_bytes
 from spo_ray.rollout.types import RolloutError
@@ -41,6 +43,26 @@ class WeightTransport(ABC):
 def put_weights(state_dict: dict[str, torch.Tensor]) -> ray.ObjectRef:
     """One `ray.put` of the safetensors bytes, shared by every engine that reads it."""
     return ray.put(state_dict_to_bytes(state_dict))
+
+
+def copies_report(ref: ray.ObjectRef, engine_nodes: set[str], source_node: str) -> dict[str, Any]:
+    """What one object-store sync moved: payload `bytes`, and `bytes_to_other_nodes`, the payload times the
+    nodes other than `source_node` that Ray's object directory lists a copy on (each copy crossed between
+    object stores). A pull is listed shortly after it completes, so wait briefly for every engine node."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        location = get_object_locations([ref], timeout_ms=5000).get(ref, {})
+        copies = set(location.get("node_ids") or [])
+        if not copies or engine_nodes <= copies or time.monotonic() > deadline:  # none: inlined (<100 KB)
+            break
+        time.sleep(0.05)
+    size = int(location.get("object_size") or 0)
+    return {
+        "bytes": size,
+        "engine_nodes": sorted(engine_nodes),
+        "copies_on_nodes": sorted(copies),
+        "bytes_to_other_nodes": size * len(copies - {source_node}) if source_node else 0,
+    }
 
 
 class ObjectStoreTransport(WeightTransport):
