@@ -52,7 +52,12 @@ class RayNode:
     node_id: str = ""  # Ray's id, once the node has joined
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Stop this node alone: its process group, then every process still naming its temp dir."""
+        """Stop this node alone: its processes (the raylet's workers, which renamed themselves `ray::...`,
+        included), its process group, then every process still naming its temp dir."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.send_signal(sig)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -145,6 +150,7 @@ class LocalRayCluster:
                 return node
             node.kill()
             self.nodes.remove(node)
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
         raise RuntimeError(f"`ray start` for {name} failed 3 times; see {node.log}")
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
