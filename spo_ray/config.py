@@ -114,7 +114,21 @@ class RolloutConfig:
     num_actors: int = option(1, "rollout actors (each one engine)", ge=1)
     num_cpus_per_actor: float = option(1.0, "Ray CPUs reserved by each rollout actor", ge=0)
     num_gpus_per_actor: float = option(0.0, "Ray GPUs reserved by each rollout actor", ge=0)
-    colocate: bool = option(True, "place rollout actors on the trainers' node (PACK) or spread them (SPREAD)")
+    colocate: bool = option(
+        True,
+        "prefer the node of the trainers' rank 0 for rollout actors (soft: engines the driver started elsewhere "
+        "move there when training starts); false spreads them over the cluster",
+    )
+    resources: dict[str, float] = option(
+        {},
+        "custom Ray resources each rollout actor needs, e.g. {rollout: 1}: engines run only on nodes started "
+        "with them (`ray start --resources '{\"rollout\": 4}'`)",
+    )
+    node_labels: dict[str, str] = option(
+        {},
+        "Ray node labels each rollout actor needs, e.g. {pool: rollout}: engines run only on nodes started "
+        "with them (`ray start --labels pool=rollout`)",
+    )
     transport: Literal["object_store", "nccl", "cuda_ipc"] = option(
         "object_store", "weight-sync transport: Ray object store (everywhere) or vLLM's GPU engines"
     )
@@ -370,6 +384,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
         (item_tp,) = get_args(tp)
         return [_coerce(f"{key}[{i}]", item, item_tp) for i, item in enumerate(value)]
+    if origin in (dict, typing.Dict):  # noqa: UP006
+        if not isinstance(value, dict):
+            raise ConfigError(
+                key, f"expected a mapping such as {{name: value}}, got {type(value).__name__} {value!r}"
+            )
+        _, value_tp = get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if origin in (Union, types.UnionType):
         raise TypeError(f"config field {key} uses a Union; use a default value instead")
     if tp is bool:
@@ -480,6 +501,16 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             "rollout.transport",
             f"{cfg.rollout.transport} needs GPU rollout actors (rollout.num_gpus_per_actor > 0)",
         )
+    for name, amount in cfg.rollout.resources.items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ConfigError(
+                f"rollout.resources.{name}",
+                f"{name} is set by rollout.num_{name.lower()}s_per_actor"
+                if name != "memory"
+                else "memory is not a rollout placement resource; name a custom resource such as rollout",
+            )
+        if amount <= 0:
+            raise ConfigError(f"rollout.resources.{name}", f"{amount!r} must be greater than 0")
     needed_lag = cfg.rollout.sync_every - 1 + int(cfg.rollout.overlap)
     if cfg.loss.kl_coef > 0 and cfg.rollout.max_policy_lag < needed_lag:
         raise ConfigError(

@@ -19,6 +19,7 @@ from spo_ray.data.templating import Templater
 from spo_ray.errors import UserError
 from spo_ray.rollout import PendingSamples, RolloutPool, Sample, state_dict_for_sync
 from spo_ray.rollout.checks import logprob_gap
+from spo_ray.rollout.serialization import state_dict_to_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +83,14 @@ def test_same_seed_gives_same_samples_and_other_requests_differ(pool):
 
 def test_synced_weights_give_rollout_logprobs_matching_hf_and_carry_the_version(pool, hf_model):
     policy = perturbed(hf_model, scale=0.05, seed=1)
-    pool.sync_weights(state_dict_for_sync(policy), version=3)
+    weights = state_dict_for_sync(policy)
+    moved = pool.sync_weights(weights, version=3)
     assert pool.policy_version == 3
+    # one node: Ray's object directory lists the payload here only, so nothing crossed to another node
+    here = ray.get_runtime_context().get_node_id()
+    assert moved["copies_on_nodes"] == moved["engine_nodes"] == [here] and moved["bytes_to_other_nodes"] == 0
+    payload = state_dict_to_bytes(weights).nbytes
+    assert 0 <= moved["bytes"] - payload < 4096  # the safetensors payload plus Ray's metadata
     samples = flat(pool.generate(["Why does the river move?", TOKEN_PROMPT], n=2, max_tokens=24))
     assert {s.policy_version for s in samples} == {3}
     gap = logprob_gap(policy, samples)

@@ -113,3 +113,30 @@ def test_only_running_calls_can_time_out_and_a_hung_engine_is_replaced(ray_runti
         (samples,) = pool.generate([[1, 280, 201]], n=2, max_tokens=4)
         (after,) = pool.engine_info()
     assert len(samples) == 2 and after["pid"] != before["pid"] and after["replaced"] == 1
+
+
+def test_rollout_placement_keys_parse_and_bad_ones_name_the_key():
+    from spo_ray.config import load_config
+    from spo_ray.errors import ConfigError
+
+    cfg = load_config(None, ["rollout.resources.rollout=1", "rollout.node_labels={pool: rollout}"])
+    assert cfg.rollout.resources == {"rollout": 1.0} and cfg.rollout.node_labels == {"pool": "rollout"}
+    with pytest.raises(ConfigError, match=r"rollout.resources.CPU.*rollout.num_cpus_per_actor"):
+        load_config(None, ["rollout.resources.CPU=2"])
+    with pytest.raises(ConfigError, match=r"rollout.resources.rollout.*greater than 0"):
+        load_config(None, ["rollout.resources.rollout=0"])
+    with pytest.raises(ConfigError, match=r"rollout.resources.*expected a mapping"):
+        load_config(None, ["rollout.resources=rollout"])
+
+
+@pytest.mark.slow
+def test_a_placement_no_live_node_offers_is_refused_at_once_saying_how_to_start_one(
+    ray_runtime, tiny_model_dir
+):
+    cfg = RolloutConfig(backend="hf", resources={"rollout": 1}, node_labels={"pool": "rollout"})
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"no live node.*rollout.resources=\{'rollout': 1\}.*--resources"):
+        RolloutPool.from_config(tiny_model_dir, cfg)
+    with pytest.raises(UserError, match=r"rollout.node_labels=\{'pool': 'rollout'\}.*--labels pool=rollout"):
+        RolloutPool(tiny_model_dir, backend="hf", node_labels={"pool": "rollout"})
+    assert time.perf_counter() - started < 10  # not after start_timeout_s

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from ray_cluster import LocalRayCluster, cluster_env
 
 from spo_ray.config import load_config
 
@@ -116,98 +112,30 @@ def test_killed_train_worker_restarts_from_latest_checkpoint_and_finishes(ray_ru
     assert_positions_continue_without_repeats_or_skips(metric_rows(out), pairs_per_step=8)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only this test's Ray head (not the suite's own runtime): its process group, then stragglers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        head.wait(timeout=30)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any(temp_dir in part for part in proc.info["cmdline"] or []):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     """The README's command as written, on a head started with a PATH that lacks the project's venv: the
     job's `python` is then another interpreter, and jobs/train_spo.py re-runs with the cluster's own."""
     bin_dir = Path(sys.executable).parent
     other_dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != bin_dir]
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join(other_dirs),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # Ray >= 2.5x clusters use token auth; the head writes ~/.ray/auth_token, the job CLI reads it
-        "RAY_AUTH_MODE": "token",
-    }
-    env.pop("RAY_ADDRESS", None)
-    ray_cli = str(bin_dir / "ray")
-    gcs_port, dashboard_port = _free_port(), _free_port()  # the suite's own runtime holds Ray's defaults
-    temp_dir = tempfile.mkdtemp(
-        prefix="rayjob", dir="/tmp"
-    )  # short: Ray's socket paths must stay < 108 chars
-    head_log = open(tmp_path / "ray_head.log", "w")  # noqa: SIM115 (closed in finally)
-    head = subprocess.Popen(
-        [
-            ray_cli,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--num-cpus=4",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=head_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    cluster = LocalRayCluster(tmp_path, env=cluster_env(path_dirs=other_dirs))
     out = tmp_path / "job_out"
     overrides = [arg for setting in [*SMALL, "train.max_steps=4"] for arg in ("--set", setting)]
-    submit = [
-        ray_cli,
-        "job",
-        "submit",
-        f"--address=http://127.0.0.1:{dashboard_port}",
-        "--working-dir=.",
-        "--runtime-env=jobs/runtime_env.yaml",
-        "--",
+    entrypoint = [
         "python",
         "jobs/train_spo.py",
         "--config",
         "configs/tiny_cpu.yaml",
         "--output-dir",
         str(out),
-        *overrides,
     ]
     try:
-        deadline = time.time() + 180
-        while True:  # the head's job server and its agent come up a few seconds after `ray start`
-            done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-            not_ready = "No available agent" in done.stderr or "Failed to connect" in done.stderr
-            if not (not_ready and time.time() < deadline):
-                break
-            time.sleep(3)
-        head_output = (tmp_path / "ray_head.log").read_text()[-2000:]
+        cluster.start_head(num_cpus=4)
+        done = cluster.submit([*entrypoint, *overrides], submission_id="tiny-job")
+        head_output = cluster.nodes[0].log.read_text()[-2000:]
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + "\nray head: " + head_output
         assert "succeeded" in done.stdout.lower()
         assert f"re-running with {bin_dir / 'python'}" in done.stdout  # `python` was not the venv's
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 4 and summary["expert_tv_after"] != summary["expert_tv_before"]
     finally:
-        _stop_head(head, temp_dir)
-        head_log.close()
+        cluster.stop()

@@ -43,8 +43,18 @@ def train_args(tmp_path, model_dir, data_file, *settings):
             "5 CPUs, but the cluster has 4",
         ),
         (["train.use_gpu=true", "loss.kl_coef=0"], "train.use_gpu", "1 GPUs, but the cluster has 0"),
+        (
+            ["rollout.resources.rollout=1", "loss.kl_coef=0.02"],
+            "rollout.resources",
+            "no live node of the Ray cluster can hold a rollout engine",
+        ),
     ],
-    ids=["too_many_workers", "no_cpu_left_for_data", "gpus_on_a_cpu_cluster"],
+    ids=[
+        "too_many_workers",
+        "no_cpu_left_for_data",
+        "gpus_on_a_cpu_cluster",
+        "no_node_with_rollout_resource",
+    ],
 )
 def test_a_run_bigger_than_the_cluster_is_refused_before_its_data_is_prepared(
     ray_runtime, tmp_path, tiny_model_dir, capsys, settings, key, shortfall

@@ -4,7 +4,8 @@ Every RolloutPool copy (the driver's, a Ray Train worker's) talks to this one ac
 set, the latest weights (an object-store ref) and the policy version have a single owner. Each call
 to an engine has a deadline (`timeout_s`, counted from when the engine starts it); an engine that
 dies or misses one is killed and replaced, and the replacement loads the latest weights before it
-is given any work.
+is given any work. A replacement goes where the placement allows (placement.py); when no live node can
+hold one (the node with the rollout resources was lost), the call fails at once with a message that says so.
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, OwnerDiedError, RayError, RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    OwnerDiedError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
 
 from spo_ray.rollout.engines import engine_class
+from spo_ray.rollout.placement import Placement
+from spo_ray.rollout.transports import copies_report
 from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -34,9 +43,8 @@ class EngineSpec:
     model_path: str
     seed: int
     engine_options: dict[str, Any]
-    num_cpus: float
-    num_gpus: float
-    node_id: str | None  # colocate: soft affinity to this node; None: spread over the cluster
+    placement: Placement
+    colocate: bool  # prefer the node of whoever calls `prefer_node` (the trainers' rank 0)
     timeout_s: float
     start_timeout_s: float
     max_retries: int
@@ -46,6 +54,7 @@ class EngineSpec:
 class _Slot:
     index: int
     handle: Any
+    node_id: str = ""  # where the engine runs (known once it started)
     incarnation: int = 0
     inflight: int = 0  # prompts submitted and not yet answered (for balancing)
     # Calls submitted to this engine, in order. An engine runs one call at a time, so only the head
@@ -91,6 +100,9 @@ class RolloutManager:
         self.slots = [_Slot(i, handle) for i, handle in enumerate(handles)]
         try:
             ray.get([h.start.remote() for h in handles], timeout=self.spec.start_timeout_s)
+            infos = ray.get([h.info.remote() for h in handles], timeout=self.spec.timeout_s)
+            for slot, info in zip(self.slots, infos):
+                slot.node_id = info["node_id"]
         except RayTaskError as exc:
             self.shutdown()
             raise_cause(exc)
@@ -98,21 +110,16 @@ class RolloutManager:
             self.shutdown()
             raise RolloutError(
                 f"rollout engines did not start within {self.spec.start_timeout_s:g} s: {type(exc).__name__}: "
-                f"{exc} (does the cluster have {self.num_actors} x {self.spec.num_cpus:g} CPU / "
-                f"{self.spec.num_gpus:g} GPU free?)"
+                f"{exc} (is there room for {self.num_actors} engine(s) with {self.spec.placement.describe()}?)"
             ) from None
 
     def _launch(self, index: int) -> Any:
         spec = self.spec
         cls = engine_class(spec.backend)
         options: dict[str, Any] = {
-            "num_cpus": spec.num_cpus,
-            "num_gpus": spec.num_gpus,
+            **spec.placement.actor_options(),
             "max_restarts": 0,  # replacement is ours: it must reload the latest weights first
             "max_concurrency": 1,  # one call at a time, so version stamps are exact
-            "scheduling_strategy": (
-                NodeAffinitySchedulingStrategy(spec.node_id, soft=True) if spec.node_id else "SPREAD"
-            ),
         }
         if spec.backend == "vllm":
             from spo_ray.rollout.engines.vllm_engine import ACTOR_ENV
@@ -246,8 +253,14 @@ class RolloutManager:
         return [], [ref for ref, deadline in deadlines.items() if deadline <= now]
 
     # -- weights --------------------------------------------------------------------------------
-    def load_weights(self, ref_box: list[ray.ObjectRef], version: int) -> None:
-        """Every engine loads the safetensors payload in `ref_box[0]` before this returns."""
+    def load_weights(
+        self, ref_box: list[ray.ObjectRef], version: int, source_node: str = ""
+    ) -> dict[str, Any]:
+        """Every engine loads the safetensors payload in `ref_box[0]` before this returns; what moved where.
+
+        `source_node`: the node that put the payload. The report counts the payload's copies that Ray's
+        object directory lists on other nodes: bytes that crossed between object stores for this sync.
+        """
         (ref,) = ref_box  # boxed, so Ray hands the manager the ref rather than the bytes
         with self.membership:
             previous, self.latest = self.latest, (ref, version)
@@ -275,6 +288,7 @@ class RolloutManager:
                 self._settle(slot, late)
                 self._replace(slot, inc, f"engine {slot.index} did not load weights within timeout_s")
         self.policy_version = version
+        return copies_report(ref, {slot.node_id for slot in self.slots}, source_node)
 
     def record_synced(self, ref_box: list[ray.ObjectRef], version: int) -> None:
         """A GPU transport delivered `version`; `ref_box[0]` is its CPU copy for replacements."""
@@ -290,25 +304,91 @@ class RolloutManager:
             logger.warning("replacing rollout engine %d: %s", slot.index, reason)
             with contextlib.suppress(Exception):
                 ray.kill(slot.handle, no_restart=True)
-            handle = self._launch(slot.index)
+            handle, node_id = self._start_engine(slot.index, reason)
+            self._swap(slot, handle, node_id)
+
+    def _swap(self, slot: _Slot, handle: Any, node_id: str) -> None:
+        with self.lock:
+            slot.handle, slot.node_id, slot.queue = handle, node_id, []  # calls on the old engine fail alone
+            slot.incarnation += 1
+        self.replacements += 1
+
+    def _start_engine(self, index: int, reason: str) -> tuple[Any, str]:
+        """A started engine for slot `index` serving the latest weights, and its node; RolloutError when no
+        live node can hold it (checked again while it starts, so a lost node fails fast, not at the timeout)."""
+        placement = self.spec.placement
+        deadline = time.monotonic() + self.spec.start_timeout_s
+        for _ in range(3):  # an engine whose node dies while it starts is started again elsewhere
+            if not placement.fitting_nodes():
+                raise RolloutError(
+                    f"rollout engine {index} cannot be replaced ({reason}): {placement.no_node_text()}"
+                )
+            handle = self._launch(index)
             try:
-                ray.get(handle.start.remote(), timeout=self.spec.start_timeout_s)
+                started = handle.start.remote()
+                while not ray.wait([started], timeout=min(5.0, max(0.0, deadline - time.monotonic())))[0]:
+                    if time.monotonic() >= deadline:
+                        raise GetTimeoutError(
+                            f"no start within start_timeout_s={self.spec.start_timeout_s:g}"
+                        )
+                    if not placement.fitting_nodes():
+                        raise RolloutError(
+                            f"rollout engine {index} cannot be replaced ({reason}): {placement.no_node_text()}"
+                        )
+                ray.get(started)
                 if self.latest is not None:
                     ref, version = self.latest
                     ray.get(handle.load_weights.remote(ref, version), timeout=self.spec.timeout_s)
+                return handle, ray.get(handle.info.remote(), timeout=self.spec.timeout_s)["node_id"]
             except (ObjectLostError, OwnerDiedError):
                 ray.kill(handle, no_restart=True)
                 raise RolloutError(
-                    f"rollout engine {slot.index} died ({reason}) and its replacement cannot load the "
+                    f"rollout engine {index} died ({reason}) and its replacement cannot load the "
                     f"latest weights (version {self.latest[1] if self.latest else 0}): the process that "
                     "synced them has exited; call sync_weights again (e.g. after a trainer restart)"
                 ) from None
+            except RolloutError:
+                ray.kill(handle, no_restart=True)
+                raise
+            except RayActorError:
+                ray.kill(handle, no_restart=True)  # died while starting: try again where placement allows
             except Exception as exc:
                 ray.kill(handle, no_restart=True)
                 raise RolloutError(
-                    f"could not replace rollout engine {slot.index} ({reason}): {type(exc).__name__}: {exc}"
+                    f"could not replace rollout engine {index} ({reason}): {type(exc).__name__}: {exc}"
                 ) from None
-            with self.lock:
-                slot.handle, slot.queue = handle, []  # calls queued on the dead engine fail on their own
-                slot.incarnation += 1
-            self.replacements += 1
+        raise RolloutError(
+            f"rollout engine {index} died 3 times while starting ({reason}); {placement.describe()}"
+        )
+
+    # -- placement ------------------------------------------------------------------------------
+    def prefer_node(self, node_id: str) -> int:
+        """`colocate`: prefer `node_id` (the trainers' rank 0's) from now on; each engine running elsewhere is
+        replaced by one started there while that node has room (then the old one stops). Returns how many moved."""
+        if not self.spec.colocate or self.spec.placement.preferred_node == node_id:
+            return 0
+        self.spec.placement.preferred_node = node_id
+        moved = 0
+        for slot in list(self.slots):
+            if slot.node_id == node_id:
+                continue
+            if not self.spec.placement.has_room_on(node_id):  # soft: the others stay where they are
+                logger.info(
+                    "rollout engines stay put: node %s has no room (%s)",
+                    node_id,
+                    self.spec.placement.describe(),
+                )
+                break
+            with self.membership:
+                handle, new_node = self._start_engine(
+                    slot.index, f"moving next to the trainers on {node_id[:12]}"
+                )
+                if new_node != node_id:  # the node cannot hold it now (soft preference): keep the old one
+                    ray.kill(handle, no_restart=True)
+                    continue
+                old = slot.handle
+                self._swap(slot, handle, new_node)
+                with contextlib.suppress(Exception):
+                    ray.kill(old, no_restart=True)
+                moved += 1
+        return moved

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spo_ray.errors import UserError
 from spo_ray.rollout.manager import EngineSpec, RolloutManager, raise_cause
+from spo_ray.rollout.placement import Placement
 from spo_ray.rollout.transports import WeightTransport, make_transport
 from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, check_prompts
 
@@ -56,8 +57,11 @@ class PendingSamples:
 class RolloutPool:
     """Rollout engines (vLLM or the HF fallback) in Ray actors, behind one manager actor.
 
-    `colocate=True` pins engines (softly) to the node of the process that builds the pool, where
-    the trainer's driver runs; False spreads them over the cluster. `engine_options` go to
+    Placement: `resources` (custom Ray resources, e.g. `{"rollout": 1}`) and `node_labels` are hard
+    requirements of every engine actor; `colocate=True` adds a soft preference for one node: first the
+    node of the process that builds the pool, then the node of whoever calls `prefer_this_node()` (the
+    trainers' rank 0 does, so engines end up next to the trainers even when the driver runs elsewhere,
+    as under `ray job submit`); False spreads engines over the cluster. `engine_options` go to
     `vllm.LLM` (e.g. `max_model_len`, `kv_cache_memory_bytes`, `gpu_memory_utilization`, `dtype`)
     or to `from_pretrained` for `backend="hf"` (`dtype`, `device`).
     """
@@ -71,6 +75,8 @@ class RolloutPool:
         num_cpus_per_actor: float = 1.0,
         num_gpus_per_actor: float = 0.0,
         colocate: bool = True,
+        resources: dict[str, float] | None = None,
+        node_labels: dict[str, str] | None = None,
         transport: str = "object_store",
         seed: int = 0,
         timeout_s: float = 300.0,
@@ -99,14 +105,23 @@ class RolloutPool:
         # Longest a call can take: every retry waits out a timeout and then a replacement's start.
         self.bound_s = (max_retries + 1) * (self.timeout_s + start_timeout_s) + 60.0
         node_id = ray.get_runtime_context().get_node_id()
+        self.colocate = colocate
+        placement = Placement(
+            num_cpus=num_cpus_per_actor,
+            num_gpus=num_gpus_per_actor,
+            resources=dict(resources or {}),
+            node_labels=dict(node_labels or {}),
+            preferred_node=node_id if colocate else None,
+        )
+        if not placement.fitting_nodes():  # would wait for start_timeout_s, then fail without a reason
+            raise UserError(placement.no_node_text())
         spec = EngineSpec(
             backend=backend,
             model_path=os.path.abspath(model_path),
             seed=seed,
             engine_options=self.engine_options,
-            num_cpus=num_cpus_per_actor,
-            num_gpus=num_gpus_per_actor,
-            node_id=node_id if colocate else None,
+            placement=placement,
+            colocate=colocate,
             timeout_s=self.timeout_s,
             start_timeout_s=start_timeout_s,
             max_retries=max_retries,
@@ -116,7 +131,9 @@ class RolloutPool:
             .options(
                 num_cpus=0,
                 max_concurrency=64,  # generate / sync / queries from several callers at once
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=True),
+                # hard: beside the process that built the pool (a soft choice may put it on a rollout
+                # node, measured on a two-node cluster, and then losing that node loses the manager too)
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             )
             .remote(spec, num_actors)
         )
@@ -139,6 +156,8 @@ class RolloutPool:
             num_cpus_per_actor=cfg.num_cpus_per_actor,
             num_gpus_per_actor=cfg.num_gpus_per_actor,
             colocate=cfg.colocate,
+            resources=cfg.resources,
+            node_labels=cfg.node_labels,
             transport=cfg.transport,
             seed=cfg.seed,
             timeout_s=cfg.timeout_s,
@@ -184,11 +203,21 @@ class RolloutPool:
         """One list of `n` samples per prompt; `generate_async(...).result()`."""
         return self.generate_async(prompts, n, max_tokens, temperature, top_p, seed).result()
 
+    def prefer_this_node(self) -> int:
+        """With `colocate`, move the engines to this process's node (the trainers' rank 0 calls it before
+        its first sample); returns how many moved. Without `colocate`, or already there, nothing moves."""
+        if not self.colocate:
+            return 0
+        node_id = ray.get_runtime_context().get_node_id()
+        return _wait(self.manager.prefer_node.remote(node_id), self.bound_s, "moving rollout engines")
+
     # -- weights --------------------------------------------------------------------------------
-    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> dict[str, Any]:
         """Every engine serves `state_dict` (HF names, see `state_dict_for_sync`) before this returns.
 
-        Samples generated afterwards carry `policy_version == version`.
+        Samples generated afterwards carry `policy_version == version`. Returns what moved: `bytes` (the
+        payload), `bytes_to_other_nodes` (copies Ray made in other nodes' object stores; object store
+        transport only, 0 otherwise), `engine_nodes`.
         """
         if not isinstance(state_dict, dict) or not state_dict:
             raise UserError("sync_weights needs a non-empty dict of tensors (see state_dict_for_sync)")
@@ -197,7 +226,7 @@ class RolloutPool:
         if self._transport is None:
             self._transport = make_transport(self.transport_name, self.engine_options)
         try:
-            self._transport.sync(self.manager, state_dict, version, self.bound_s)
+            return self._transport.sync(self.manager, state_dict, version, self.bound_s)
         except GetTimeoutError:
             raise RolloutError(f"sync_weights: no answer within {self.bound_s:g} s") from None
         except RayTaskError as exc:

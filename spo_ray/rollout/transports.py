@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
 import ray
 import torch
+from ray.experimental import get_object_locations
 
 from spo_ray.rollout.serialization import state_dict_to_bytes
 from spo_ray.rollout.types import RolloutError
@@ -28,8 +30,11 @@ class WeightTransport(ABC):
     """Moves one state dict into every engine of a rollout manager, then records its version."""
 
     @abstractmethod
-    def sync(self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
-        """Return once every engine serves `state_dict` as `version`."""
+    def sync(
+        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+    ) -> dict[str, Any]:
+        """Return once every engine serves `state_dict` as `version`: a report of what moved where
+        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release transport resources (process groups); the default has none."""
@@ -40,12 +45,35 @@ def put_weights(state_dict: dict[str, torch.Tensor]) -> ray.ObjectRef:
     return ray.put(state_dict_to_bytes(state_dict))
 
 
+def copies_report(ref: ray.ObjectRef, engine_nodes: set[str], source_node: str) -> dict[str, Any]:
+    """What one object-store sync moved: payload `bytes`, and `bytes_to_other_nodes`, the payload times the
+    nodes other than `source_node` that Ray's object directory lists a copy on (each copy crossed between
+    object stores). A pull is listed shortly after it completes, so wait briefly for every engine node."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        location = get_object_locations([ref], timeout_ms=5000).get(ref, {})
+        copies = set(location.get("node_ids") or [])
+        if not copies or engine_nodes <= copies or time.monotonic() > deadline:  # none: inlined (<100 KB)
+            break
+        time.sleep(0.05)
+    size = int(location.get("object_size") or 0)
+    return {
+        "bytes": size,
+        "engine_nodes": sorted(engine_nodes),
+        "copies_on_nodes": sorted(copies),
+        "bytes_to_other_nodes": size * len(copies - {source_node}) if source_node else 0,
+    }
+
+
 class ObjectStoreTransport(WeightTransport):
     """Safetensors bytes through the Ray object store: works everywhere, CPU included."""
 
-    def sync(self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+    def sync(
+        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+    ) -> dict[str, Any]:
         ref = put_weights(state_dict)
-        ray.get(manager.load_weights.remote([ref], version), timeout=timeout_s)
+        here = ray.get_runtime_context().get_node_id()
+        return ray.get(manager.load_weights.remote([ref], version, here), timeout=timeout_s)
 
 
 class VllmTransferTransport(WeightTransport):
@@ -65,7 +93,9 @@ class VllmTransferTransport(WeightTransport):
         self.source: Any = None  # vLLM WeightSource, built on first connect
         self.client: _EngineClient | None = None
 
-    def sync(self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float) -> None:
+    def sync(
+        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+    ) -> dict[str, Any]:
         if not torch.cuda.is_available():
             raise RolloutError(f"transport '{self.backend}' needs a CUDA device in the process that syncs")
         replacements, handles = ray.get(manager.engine_handles.remote(), timeout=timeout_s)
@@ -79,6 +109,8 @@ class VllmTransferTransport(WeightTransport):
         # A CPU copy in the object store, so a replacement engine can load these weights on its own.
         cpu_copy = put_weights({name: t.detach().to("cpu") for name, t in state_dict.items()})
         ray.get(manager.record_synced.remote([cpu_copy], version), timeout=timeout_s)
+        size = sum(t.numel() * t.element_size() for t in state_dict.values())
+        return {"bytes": size, "bytes_to_other_nodes": 0, "engine_nodes": []}  # moved by NCCL / IPC, not Ray
 
     def _connect(self, handles: list[Any], timeout_s: float) -> None:
         from vllm.distributed.weight_transfer import WeightTransferTrainerFactory

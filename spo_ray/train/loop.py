@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> None:
 
 
 # Metrics whose worst rank matters more than the mean: reduced with MAX instead.
-_MAX_ACROSS_RANKS = ("policy_lag",)
+_MAX_ACROSS_RANKS = ("policy_lag", "sync_bytes", "sync_bytes_other_nodes")  # rank 0 alone syncs
 
 
 def _reduce_across_ranks(metrics: dict[str, float], world_size: int, device) -> dict[str, float]:
@@ -184,6 +184,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             data_wait_frac=data_wait / elapsed,
             gen_wait_frac=gen_wait / elapsed,
             sync_seconds=sync_time,
+            sync_bytes=float(online.last_sync.get("bytes", 0) if sync_time else 0),
+            sync_bytes_other_nodes=float(online.last_sync.get("bytes_to_other_nodes", 0) if sync_time else 0),
             stale_resamples=float(online.stale_resamples if online else 0),
         )
         metrics = _reduce_across_ranks(totals, world, device)

@@ -35,6 +35,9 @@ class OnlineSampler:
         self.seed = seed
         self.pending: dict[int, object] = {}
         self.stale_resamples = 0
+        self.last_sync: dict = {}  # the pool's report of the last sync (bytes, bytes_to_other_nodes, ...)
+        if rank == 0:  # rollout.colocate: the engines' preferred node is the trainers', not the driver's
+            pool.prefer_this_node()
 
     def _prompts_for(self, step: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.rank, step])
@@ -99,5 +102,5 @@ class OnlineSampler:
         start = time.perf_counter()
         weights = state_dict_for_sync(model)  # rank 0: the full weights; other ranks: {}
         if self.rank == 0:
-            self.pool.sync_weights(weights, version)
+            self.last_sync = self.pool.sync_weights(weights, version) or {}
         return time.perf_counter() - start

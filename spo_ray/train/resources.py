@@ -55,6 +55,7 @@ def check_cluster_resources(cfg: Config) -> None:
     Trainers, rollout engines and Ray Data's tasks all hold CPUs at once while training; if together
     they exceed the cluster, the run would wait forever. With train.cluster_autoscales it warns instead.
     """
+    _check_rollout_placement(cfg)
     parts = resources_asked(cfg)
     total = ray.cluster_resources()
     cpus, gpus = sum(p[2] for p in parts), sum(p[3] for p in parts)
@@ -85,6 +86,20 @@ def check_cluster_resources(cfg: Config) -> None:
         print(f"spo-ray: warning: config key '{key}': {message}; waiting for the autoscaler", flush=True)
         return
     raise ConfigError(key, message)
+
+
+def _check_rollout_placement(cfg: Config) -> None:
+    """Refuse a run whose rollout.resources / rollout.node_labels no live node offers (its engines could not start)."""
+    r = cfg.rollout
+    if cfg.loss.kl_coef <= 0 or cfg.train.cluster_autoscales or not (r.resources or r.node_labels):
+        return
+    from spo_ray.rollout.placement import Placement
+
+    placement = Placement(r.num_cpus_per_actor, r.num_gpus_per_actor, r.resources, r.node_labels)
+    if not placement.fitting_nodes():
+        raise ConfigError(
+            "rollout.resources" if r.resources else "rollout.node_labels", placement.no_node_text()
+        )
 
 
 class FirstStepWatch:
