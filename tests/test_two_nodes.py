@@ -23,7 +23,7 @@ from ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
 
-STEPS = 60
+STEPS = 30
 CHECKPOINT_EVERY = 2
 SETTINGS = [
     "task.num_pairs=200",

@@ -39,7 +39,8 @@ from spo_ray.train.resources import FirstStepWatch, check_cluster_resources
 RUN_NAME = "ray_train"
 
 
-DATA_CPUS = 2  # logical CPUs left for Ray Data's read/tokenize/sort tasks in a local runtime
+# logical CPUs left for Ray Data's read/tokenize tasks and the shards' row reads in a local runtime
+DATA_CPUS = 2
 
 
 def local_cpus_needed(cfg: Config) -> int:
