@@ -10,6 +10,7 @@ import sys
 import spo_ray
 from spo_ray import commands
 from spo_ray.errors import UserError, is_disk_full
+from spo_ray.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Align causal LMs with Soft Preference Optimization on Ray Train, Ray Data and vLLM.",
     )
     parser.add_argument("--version", action="version", version=f"spo_ray {spo_ray.__version__}")
+    parser.add_argument(
+        "--verbose",
+        dest="log_verbose",
+        action="store_true",
+        help="show every library log line (Ray, vLLM, transformers); same as --set logging.level=info",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
@@ -31,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    configure_logging("info" if args.log_verbose else None)
     ray_was_running = _ray_running()  # a caller's runtime (tests, notebooks) is never shut down here
     try:
         return int(args.run(args) or 0)

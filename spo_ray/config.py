@@ -49,6 +49,11 @@ class LoraConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module names that receive adapters",
     )
+    save_adapter: bool = option(
+        True,
+        "also write the trained adapter on its own as a PEFT folder, final_adapter/ next to the merged final/ "
+        "(`peft.PeftModel.from_pretrained(base, final_adapter)`)",
+    )
 
 
 @dataclass
@@ -64,8 +69,27 @@ class ModelConfig:
         "dtype of frozen weights (the reference; a LoRA base under train.precision=bf16) and of final/; "
         "trained weights are float32 master weights whatever this says",
     )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"] = option(
+        "auto",
+        "attention kernel of the trained and reference models (transformers' attn_implementation); 'auto' lets "
+        "transformers choose (sdpa where it can); flash_attention_2 needs the flash-attn package and a GPU",
+    )
     tiny: TinyModelConfig = section(TinyModelConfig, "the embedded tiny model, used when path is 'tiny'")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter; the reference is then the policy with it disabled")
+
+
+@dataclass
+class SourceConfig:
+    files: list[str] = option([], "this source's files, globs or folders (as data.train_files)")
+    hf_dataset: str = option(
+        "", "or a dataset for datasets.load_dataset: a local dataset folder or a hub name"
+    )
+    hf_config: str = option("", "config (subset) name of hf_dataset")
+    hf_split: str = option("train", "split of hf_dataset or of a save_to_disk folder")
+    columns: dict[str, str] = option(
+        {}, "column mapping of this source (as data.columns); empty: data.columns"
+    )
+    weight: float = option(1.0, "share of the mixture: weight / sum of all sources' weights", gt=0)
 
 
 @dataclass
@@ -77,8 +101,28 @@ class DataConfig:
     eval_fraction: float = option(
         0.0, "fraction of train rows held out for eval when eval_files is empty", ge=0, lt=1
     )
-    hf_dataset: str = option("", "a dataset name for datasets.load_dataset (needs a reachable hub)")
+    hf_dataset: str = option(
+        "",
+        "a dataset for datasets.load_dataset: a local dataset folder (scripts, README configs) or a hub name",
+    )
+    hf_config: str = option("", "config (subset) name of hf_dataset, e.g. 'default' or 'en'")
     hf_split: str = option("train", "split of hf_dataset")
+    columns: dict[str, str] = option(
+        {},
+        "rename source columns to the format's fields, {field: column}, e.g. {prompt: question, chosen: good, "
+        "rejected: bad}; a column missing from a file is an error naming data.columns.<field>",
+    )
+    sources: list[SourceConfig] = option(
+        [],
+        "a weighted mixture instead of train_files/hf_dataset: [{files: [a.jsonl], weight: 0.7}, {hf_dataset: "
+        "DIR, hf_config: NAME, weight: 0.3}]; README: Mixtures",
+    )
+    mixture_size: int = option(
+        0,
+        "rows of the mixture (0: as many as its sources hold together); source i gives round(size * w_i / sum w) "
+        "rows: sampled without replacement when it has more, all of them repeated (then a seeded sample) when fewer",
+        ge=0,
+    )
     format: Literal["auto", "explicit", "conversational", "implicit", "sharegpt", "binarized", "nary"] = (
         option("auto", "row format; 'auto' detects it from the fields")
     )
@@ -176,6 +220,13 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step", ge=1)
     lr: float = option(1e-3, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = option(0.9, "AdamW beta1 (decay of the gradient's running mean)", ge=0, lt=1)
+    adam_beta2: float = option(0.95, "AdamW beta2 (decay of the squared gradient's running mean)", ge=0, lt=1)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon (added to the denominator)", gt=0)
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute activations in the backward pass instead of storing them: less memory, ~30% more compute",
+    )
     warmup_steps: int = option(5, "linear warmup steps", ge=0)
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "learning-rate decay after warmup")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 turns clipping off", ge=0)
@@ -318,6 +369,12 @@ class IterateConfig:
 
 @dataclass
 class LoggingConfig:
+    level: Literal["warning", "info", "debug"] = option(
+        "warning",
+        "console verbosity: 'warning' shows the progress bar, the run's own lines and real warnings (known-benign "
+        "library warnings are listed and dropped in spo_ray/logs.py); 'info'/'debug' show every library line "
+        "(also `spo-ray --verbose`)",
+    )
     wandb_mode: Literal["offline", "online", "disabled"] = option(
         "offline", "Weights & Biases mode; offline writes to the output dir"
     )
@@ -383,6 +440,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
         (item_tp,) = get_args(tp)
+        if _is_section(item_tp):
+            return [_build(item_tp, item, f"{key}[{i}]") for i, item in enumerate(value)]
         return [_coerce(f"{key}[{i}]", item, item_tp) for i, item in enumerate(value)]
     if origin in (dict, typing.Dict):  # noqa: UP006
         if not isinstance(value, dict):
@@ -449,6 +508,10 @@ def _check_ranges(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _check_ranges(value, key)
             continue
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_ranges(item, f"{key}[{i}]")
         meta = f.metadata
         for check, ok, words in (
             ("gt", lambda v, b: v > b, "greater than"),
@@ -460,13 +523,18 @@ def _check_ranges(obj: Any, prefix: str = "") -> None:
                 raise ConfigError(key, f"{value!r} is out of range: must be {words} {meta[check]}")
 
 
-def _check_files(cfg: Config) -> None:
+def missing_files(cfg: Config) -> list[ConfigError]:
+    """One ConfigError per file or folder the config names that does not exist here (globs are not checked)."""
     from glob import has_magic
+
+    missing: list[ConfigError] = []
 
     def need(key: str, path: str) -> None:
         if path and not has_magic(path) and not os.path.exists(path):
-            raise ConfigError(
-                key, f"file or folder '{path}' does not exist (relative paths are from {os.getcwd()})"
+            missing.append(
+                ConfigError(
+                    key, f"file or folder '{path}' does not exist (relative paths are from {os.getcwd()})"
+                )
             )
 
     if cfg.model.path not in ("tiny", "smollm2"):
@@ -476,10 +544,32 @@ def _check_files(cfg: Config) -> None:
         need(f"data.train_files[{i}]", path)
     for i, path in enumerate(cfg.data.eval_files):
         need(f"data.eval_files[{i}]", path)
+    for i, source in enumerate(cfg.data.sources):
+        for j, path in enumerate(source.files):
+            need(f"data.sources[{i}].files[{j}]", path)
     need("data.reg_prompts_file", cfg.data.reg_prompts_file)
     need("iterate.prompts_file", cfg.iterate.prompts_file)
     if cfg.judge.name in ("reward_model", "llm_judge") and cfg.judge.model_path != "smollm2":
         need("judge.model_path", cfg.judge.model_path)
+    return missing
+
+
+def _check_sources(data: DataConfig) -> None:
+    if not data.sources:
+        if data.mixture_size:
+            raise ConfigError("data.mixture_size", "applies to a mixture: set data.sources")
+        return
+    if data.train_files or data.hf_dataset:
+        raise ConfigError(
+            "data.sources", "give the data either as data.sources or as data.train_files/hf_dataset"
+        )
+    if data.eval_fraction > 0:
+        raise ConfigError(
+            "data.eval_fraction", "a mixture may repeat rows; hold out data with data.eval_files"
+        )
+    for i, source in enumerate(data.sources):
+        if bool(source.files) == bool(source.hf_dataset):
+            raise ConfigError(f"data.sources[{i}]", "give files or hf_dataset (one of them)")
 
 
 def validate(cfg: Config, check_files: bool = True) -> Config:
@@ -490,6 +580,7 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             "data.max_prompt_length",
             f"{cfg.data.max_prompt_length} leaves no room for a response within data.max_length={cfg.data.max_length}",
         )
+    _check_sources(cfg.data)
     from spo_ray.losses import get_loss
 
     try:
@@ -522,7 +613,9 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
 
     check_scheme(cfg.output.dir, "output.dir")
     if check_files:
-        _check_files(cfg)
+        missing = missing_files(cfg)
+        if missing:
+            raise missing[0]
     return cfg
 
 
@@ -587,7 +680,12 @@ def dump_yaml(cfg: Any, with_help: bool = True, indent: int = 0) -> str:
             lines.append(f"{pad}{f.name}:{comment}")
             lines.append(dump_yaml(value, with_help, indent + 1))
         else:
-            rendered = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            plain = (
+                [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+                if isinstance(value, list)
+                else value
+            )
+            rendered = yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip()
             if rendered.endswith("\n..."):
                 rendered = rendered[: -len("\n...")]
             rendered = rendered.removesuffix("...").strip()

@@ -99,6 +99,28 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "spo_ray.cli", *args], capture_output=True, text=True)
 
 
+def test_config_show_inspects_a_cluster_recipe_whose_files_are_not_here_and_train_still_refuses_it(tmp_path):
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "cluster_example.yaml")
+    shown = run_cli("config", "show", "--config", recipe)
+    assert shown.returncode == 0, shown.stderr
+    assert "path: /shared/models/my-sft-model" in shown.stdout
+    assert (
+        "warning: config key 'model.path': file or folder '/shared/models/my-sft-model' does not exist"
+        in (shown.stderr)
+    )
+    refused = run_cli("train", "--config", recipe, "--output-dir", str(tmp_path / "out"))
+    assert refused.returncode == 2 and "config key 'model.path'" in refused.stderr
+
+
+def test_verbose_flag_sets_the_logging_level_of_a_run_config():
+    from spo_ray.cli import build_parser
+    from spo_ray.commands.config import load_run_config
+
+    quiet = load_run_config(build_parser().parse_args(["train"]))
+    verbose = load_run_config(build_parser().parse_args(["--verbose", "train"]))
+    assert (quiet.logging.level, verbose.logging.level) == ("warning", "info")
+
+
 def test_cli_config_show_prints_resolved_values_and_exits_2_on_bad_key(tmp_path):
     path = write(tmp_path, "loss:\n  alpha: 2.0\n")
     shown = run_cli("config", "show", "--config", str(path), "--set", "train.max_steps=3")

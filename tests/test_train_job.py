@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -112,6 +114,29 @@ def test_killed_train_worker_restarts_from_latest_checkpoint_and_finishes(ray_ru
     assert_positions_continue_without_repeats_or_skips(metric_rows(out), pairs_per_step=8)
 
 
+VLLM_INFO = re.compile(
+    r"\) INFO \d\d-\d\d "
+)  # vLLM's format: "(MainProcess pid=1) INFO 12-03 07:03:48 [...]"
+
+
+def test_verbose_cli_shows_the_library_lines_a_default_run_hides(tmp_path):
+    """`spo-ray --verbose`: every library line, the known-benign weight-reload warning included."""
+    overrides = [arg for setting in [*SMALL, "train.max_steps=2"] for arg in ("--set", setting)]
+    command = [sys.executable, "-m", "spo_ray.cli", "--verbose", "train", "--config", "configs/tiny_cpu.yaml"]
+    done = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "run"), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert VLLM_INFO.search(output) and "Failed to load weights" in output
+    assert "Requesting resources" in output  # Ray Train's controller
+
+
 def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     """The README's command as written, on a head started with a PATH that lacks the project's venv: the
     job's `python` is then another interpreter, and jobs/train_spo.py re-runs with the cluster's own."""
@@ -135,6 +160,10 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + "\nray head: " + head_output
         assert "succeeded" in done.stdout.lower()
         assert f"re-running with {bin_dir / 'python'}" in done.stdout  # `python` was not the venv's
+        # a quiet console by default (spo_ray/logs.py), also in the cluster's processes: no vLLM INFO lines,
+        # no benign weight-reload warning, no Ray Train set-up lines (tests below: --verbose shows them)
+        assert not VLLM_INFO.search(done.stdout) and "Failed to load weights" not in done.stdout
+        assert "Requesting resources" not in done.stdout
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 4 and summary["expert_tv_after"] != summary["expert_tv_before"]
     finally:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from spo_ray.config import Config, dump_yaml, load_config
+from spo_ray.config import Config, dump_yaml, load_config, missing_files
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +22,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
-    """The config of a run command: --config, --set overrides, then --output-dir (as output.dir)."""
+    """The config of a run command: --config, --set overrides, --output-dir (as output.dir), and the global
+    --verbose (as logging.level=info)."""
     overrides = list(args.overrides) + ([f"output.dir={args.output_dir}"] if args.output_dir else [])
+    if getattr(args, "log_verbose", False):
+        overrides.append("logging.level=info")
     return load_config(args.config, overrides)
 
 
 def show(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    """Print the config; files it names that do not exist here (a cluster recipe on a laptop) are warnings:
+    a run still refuses them, naming the key."""
+    cfg = load_config(args.config, args.overrides, check_files=False)
+    for problem in missing_files(cfg):
+        print(f"spo-ray: warning: {problem} here; a run on this machine would stop at it", file=sys.stderr)
     print(dump_yaml(cfg, with_help=not args.no_help))
     return 0
 

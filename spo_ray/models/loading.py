@@ -51,10 +51,21 @@ def resolve_model_dir(model_cfg, work_dir: str | os.PathLike) -> str:
     return str(model_cfg.path)
 
 
-def load_causal_lm(path: str, dtype: str = "float32") -> torch.nn.Module:
+def load_causal_lm(path: str, dtype: str = "float32", attn_implementation: str = "auto") -> torch.nn.Module:
+    """A causal LM from a local HF folder; `attn_implementation` other than 'auto' picks the attention kernel."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    kwargs = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True, **kwargs)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (train.gradient_checkpointing).
+
+    Non-reentrant checkpointing: gradients reach LoRA adapters and frozen embeddings need no requires_grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False  # a KV cache is useless in training and HF warns about it here
 
 
 def load_tokenizer(path: str):
@@ -85,7 +96,8 @@ def load_policy_and_reference(
     """
     lora = model_cfg.lora
     base_dtype = model_cfg.dtype if lora.r > 0 and mixed_precision else "float32"
-    policy = load_causal_lm(policy_dir, base_dtype)
+    attn = model_cfg.attn_implementation
+    policy = load_causal_lm(policy_dir, base_dtype, attn)
     separate_reference = bool(reference_dir) and os.path.abspath(reference_dir) != os.path.abspath(policy_dir)
     if lora.r > 0:
         from peft import LoraConfig, get_peft_model
@@ -105,7 +117,7 @@ def load_policy_and_reference(
             return policy, None, policy.disable_adapter
     if not need_reference:
         return policy, None, None
-    reference = load_causal_lm(reference_dir or policy_dir, model_cfg.dtype)
+    reference = load_causal_lm(reference_dir or policy_dir, model_cfg.dtype, attn)
     reference.requires_grad_(False).eval()
     return policy, reference, None
 

@@ -48,6 +48,7 @@ class EngineSpec:
     timeout_s: float
     start_timeout_s: float
     max_retries: int
+    env: dict[str, str] = field(default_factory=dict)  # the engine's environment, e.g. the console level
 
 
 @dataclass
@@ -121,10 +122,12 @@ class RolloutManager:
             "max_restarts": 0,  # replacement is ours: it must reload the latest weights first
             "max_concurrency": 1,  # one call at a time, so version stamps are exact
         }
+        env = dict(self.spec.env)
         if spec.backend == "vllm":
             from spo_ray.rollout.engines.vllm_engine import ACTOR_ENV
 
-            options["runtime_env"] = {"env_vars": dict(ACTOR_ENV)}
+            env.update(ACTOR_ENV)
+        options["runtime_env"] = {"env_vars": env}
         actor_cls = ray.remote(cls).options(**options)
         return actor_cls.remote(spec.model_path, spec.seed + index, spec.engine_options)
 

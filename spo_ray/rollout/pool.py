@@ -16,6 +16,7 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spo_ray.errors import UserError
+from spo_ray.logs import process_env
 from spo_ray.rollout.manager import EngineSpec, RolloutManager, raise_cause
 from spo_ray.rollout.placement import Placement
 from spo_ray.rollout.transports import WeightTransport, make_transport
@@ -125,6 +126,7 @@ class RolloutPool:
             timeout_s=self.timeout_s,
             start_timeout_s=start_timeout_s,
             max_retries=max_retries,
+            env=process_env(),  # the console level of the process that builds the pool (spo_ray/logs.py)
         )
         self.manager = (
             ray.remote(RolloutManager)

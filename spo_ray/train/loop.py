@@ -14,8 +14,9 @@ import torch
 
 from spo_ray.config import config_from_dict
 from spo_ray.data import collate_preference_batch
+from spo_ray.logs import configure_logging
 from spo_ray.losses import LossParams, get_loss
-from spo_ray.models.loading import load_policy_and_reference
+from spo_ray.models.loading import enable_gradient_checkpointing, load_policy_and_reference
 from spo_ray.storage import local_copy
 from spo_ray.train.checkpointing import (
     CheckpointStore,
@@ -64,6 +65,7 @@ def _reduce_across_ranks(metrics: dict[str, float], world_size: int, device) -> 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     """Run SPO (or any registry loss) on this worker's shard; rank 0 logs, syncs and checkpoints."""
     cfg = config_from_dict(loop_config["config"])
+    configure_logging(cfg.logging.level)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one progress bar: the training one
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -83,6 +85,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         need_reference=needs_reference,
         mixed_precision=mixed,
     )
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     reference = prepare_reference(reference, cfg.train.strategy, device)
     policy = prepare_policy(policy, cfg.train.strategy, device)
     optimizer, scheduler = build_optimizer(policy, cfg.train)

@@ -33,7 +33,8 @@ def build_optimizer(
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=train_cfg.lr,
-        betas=(0.9, 0.95),
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_epsilon,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -27,6 +27,7 @@ from spo_ray import storage
 from spo_ray.config import Config, config_to_dict
 from spo_ray.data import PromptSet, load_reg_prompts, prepare_preference_data, shard_data_config, train_shards
 from spo_ray.errors import ConfigError, DiskFullError, is_disk_full
+from spo_ray.logs import configure_logging, ray_logging_config
 from spo_ray.losses import get_loss
 from spo_ray.models.loading import load_tokenizer, resolve_model_dir
 from spo_ray.train.checkpointing import CheckpointStore, read_state
@@ -108,6 +109,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     work = storage.work_dir(out)  # local scratch: `out` itself unless remote
     work.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+    configure_logging(cfg.logging.level)  # before Ray starts: its workers and the engines inherit it
     ensure_ray(cfg)
     check_cluster_resources(cfg)  # before any work: a run the cluster cannot hold would wait forever
     watch = FirstStepWatch.start(cfg, out)  # says what the run waits for if no step comes within a minute
@@ -197,6 +199,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
                 # CheckpointStore prunes (it also sees folders Ray never recorded); Ray keeps every one it did
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                logging_config=ray_logging_config(cfg.logging.level),  # the controller's and workers' lines
             ),
             datasets=shards,
             dataset_config=shard_data_config(),
@@ -218,7 +221,8 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     final_dir = store.prune(cfg.train.keep_checkpoints)[-1][1]
     store.remove_finished_runs()
     final_state = read_state(final_dir)
-    export_final_model(cfg.model, model_dir, final_dir, out / "final")
+    adapter_out = out / "final_adapter" if cfg.model.lora.r > 0 and cfg.model.lora.save_adapter else None
+    export_final_model(cfg.model, model_dir, final_dir, out / "final", adapter_out)
 
     metrics = read_metrics(out)
     wall = time.perf_counter() - started
@@ -233,6 +237,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
         "data": prepared.summary(),
         "loss": cfg.loss.name,
         "final_model": str(out / "final"),
+        **({"final_adapter": str(adapter_out)} if adapter_out else {}),
     }
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

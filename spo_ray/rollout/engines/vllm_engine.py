@@ -48,6 +48,10 @@ class VllmEngine(RolloutEngine):
                 options.setdefault(key, value)
         from vllm import LLM
 
+        from spo_ray.logs import configure_logging, is_quiet
+
+        configure_logging()  # the level the driver passed in this actor's environment
+        options.setdefault("use_tqdm_on_load", not is_quiet())
         try:
             self.llm = LLM(
                 model=self.model_path, seed=self.seed, worker_extension_cls=WORKER_EXTENSION, **options
