@@ -52,10 +52,10 @@ def _hash_folder(folder: str, digest: Any, keep=lambda name: True) -> None:
 def source_digest(source: Source) -> str:
     """A content hash of one input: a file's bytes, a `save_to_disk` folder's files; a hub name is taken as is."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{source.kind}\0{source.path}\0{source.split}\0".encode())
-    if source.kind == "disk":
-        _hash_folder(source.path, digest)
-    elif source.kind != "hub":  # a hub dataset is keyed by its name and split only (README.md)
+    digest.update(f"{source.kind}\0{source.path}\0{source.split}\0{source.config}\0".encode())
+    if source.kind == "disk" or (source.kind == "hub" and os.path.isdir(source.path)):
+        _hash_folder(source.path, digest)  # a local load_dataset folder: its files
+    elif source.kind != "hub":  # a hub dataset is keyed by its name, config and split only (README.md)
         _hash_file(source.path, digest)
     return digest.hexdigest()
 
@@ -79,7 +79,7 @@ def cache_key(sources: list[Source], tokenizer_path: str, settings: dict[str, An
     """(key, what it was made of): input contents, tokenizer files, tokenization settings, CACHE_VERSION."""
     inputs = {
         "version": CACHE_VERSION,
-        "sources": [[s.kind, s.path, s.split, source_digest(s)] for s in sources],
+        "sources": [[s.kind, s.path, s.split, s.config, s.group, source_digest(s)] for s in sources],
         "tokenizer": tokenizer_digest(tokenizer_path),
         "settings": settings,
     }

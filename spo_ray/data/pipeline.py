@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spo_ray.data import cache
+from spo_ray.data.mixture import MIXTURE_FILE, check_columns, column_maps, mixture_selection
 from spo_ray.data.processing import ChunkResult, is_fatal, iter_examples, process_chunk
 from spo_ray.data.schema import Example
 from spo_ray.data.sharding import derive_key
@@ -53,6 +54,7 @@ class PreparedData:
     unread_files: list[str] = field(default_factory=list)  # files in data folders that are not read
     cache_dir: str = ""  # OUTPUT/data/<key>: the tokenized parts
     cache_reused: bool = False  # the parts came from an earlier preparation of the same inputs
+    mixture: list[dict] = field(default_factory=list)  # per data.sources entry: weight, rows, rows taken
 
     def with_column(self, name: str, npy_path: str) -> PreparedData:
         """A copy whose train rows carry a per-example column (a .npy array [num_train, n] by example id)."""
@@ -62,6 +64,12 @@ class PreparedData:
     def notes(self) -> list[str]:
         """The console lines a run prints after preparing its data: what was cut, skipped or not read."""
         lines = [self.truncation_note(), self.skipped_note()]
+        if self.mixture:
+            taken = ", ".join(
+                f"[{i}] {m['taken']} of {m['rows']} rows (weight {m['weight']:g})"
+                for i, m in enumerate(self.mixture)
+            )
+            lines.append(f"data: mixture of {self.num_train} rows from data.sources: {taken}")
         if self.cache_reused:
             lines.append(
                 f"data: reusing the tokenized data in {self.cache_dir} (same files, tokenizer and settings)"
@@ -108,6 +116,7 @@ class PreparedData:
             "prompts_truncated": self.prompts_truncated,
             "responses_truncated": self.responses_truncated,
             "quarantine_path": self.quarantine_path,
+            **({"mixture": self.mixture} if self.mixture else {}),
         }
 
 
@@ -136,11 +145,12 @@ def _no_rows_error(key: str, paths: list[str]) -> DataError:
     )
 
 
-def peek_num_responses(chunks: list[Chunk], fmt: str) -> int:
+def peek_num_responses(chunks: list[Chunk], fmt: str, maps: dict | None = None) -> int:
     """Responses per example of the first good row (2 when the first PEEK_ROWS rows have none)."""
     seen = 0
     for chunk in chunks:
-        for _, item in iter_examples(iter_chunk_rows(chunk), fmt):
+        columns = (maps or {}).get(str(chunk.group), ("", {}))[1]
+        for _, item in iter_examples(iter_chunk_rows(chunk), fmt, columns):
             if isinstance(item, Example):
                 return len(item.responses)
             seen += 1
@@ -212,10 +222,12 @@ def _tokenize(
     train_chunks = plan_chunks(train_sources, ROWS_PER_CHUNK, "train")
     eval_chunks = plan_chunks(eval_sources, ROWS_PER_CHUNK, "eval", first_index=len(train_chunks))
     chunks = train_chunks + eval_chunks
+    maps = column_maps(data_cfg)
+    check_columns(chunks, maps)
     settings = {
         **_settings(data_cfg),
         "tokenizer_path": str(tokenizer_path),
-        "num_responses": peek_num_responses(chunks, data_cfg.format),
+        "num_responses": peek_num_responses(chunks, data_cfg.format, maps),
         "out_dir": folder,
     }
     results = _process_all(chunks, settings)
@@ -239,6 +251,7 @@ def _tokenize(
     for r in results:
         r.part = os.path.relpath(r.part, folder) if r.part else None
     return {
+        "mixture": _mixture(data_cfg, chunks, results, folder),
         "num_responses": settings["num_responses"],
         "results": [r.to_json() for r in results],
         "empty_files": empty_train + empty_eval,
@@ -246,14 +259,38 @@ def _tokenize(
     }
 
 
+def _mixture(
+    data_cfg: DataConfig, chunks: list[Chunk], results: list[ChunkResult], folder: str
+) -> list[dict]:
+    """With data.sources: choose the mixture's rows, write them to MIXTURE_FILE; per source what was taken."""
+    if not data_cfg.sources:
+        return []
+    group_of = {chunk.index: chunk.group for chunk in chunks}
+    rows_by_group: list[list[np.ndarray]] = [[] for _ in data_cfg.sources]
+    offset = 0
+    for r in results:
+        if r.role == "train":
+            rows_by_group[group_of[r.index]].append(np.arange(offset, offset + r.good))
+            offset += r.good
+    rows = [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in rows_by_group]
+    weights = [entry.weight for entry in data_cfg.sources]
+    selection, taken = mixture_selection(rows, weights, data_cfg.mixture_size, data_cfg.shuffle_seed)
+    np.save(os.path.join(folder, MIXTURE_FILE), selection)
+    return [{"weight": w, "rows": len(r), "taken": t} for w, r, t in zip(weights, rows, taken)]
+
+
 def _settings(data_cfg: DataConfig) -> dict[str, Any]:
-    """The data settings that change what tokenization writes (part of the cache key)."""
+    """The data settings that change what tokenization writes or which rows train (part of the cache key)."""
     return {
         "max_length": data_cfg.max_length,
         "max_prompt_length": data_cfg.max_prompt_length,
         "format": data_cfg.format,
         "on_bad_rows": data_cfg.on_bad_rows,
         "on_long_rows": data_cfg.on_long_rows,
+        "columns": column_maps(data_cfg),
+        "mixture": [entry.weight for entry in data_cfg.sources],
+        "mixture_size": data_cfg.mixture_size,
+        "mixture_seed": data_cfg.shuffle_seed if data_cfg.sources else None,
     }
 
 
@@ -297,6 +334,10 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
         )
     split_key = derive_key(data_cfg.shuffle_seed, "eval_split")
     train_rows = _row_index(train_results, n_split, split_key, held_out=False)
+    mixture = manifest.get("mixture") or []
+    if mixture:
+        num_train = sum(m["taken"] for m in mixture)
+        train_rows = replace(train_rows, num_rows=num_train, selection=os.path.join(cache_dir, MIXTURE_FILE))
     if n_split:
         eval_rows = _row_index(train_results, n_split, split_key, held_out=True)
     else:
@@ -316,9 +357,14 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
         responses_truncated=sum(r.responses_truncated for r in results),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         empty_files=manifest["empty_files"],
-        unread_files=unread_files(data_cfg.train_files + data_cfg.eval_files),
+        unread_files=unread_files(
+            data_cfg.train_files
+            + data_cfg.eval_files
+            + [f for entry in data_cfg.sources for f in entry.files]
+        ),
         cache_dir=cache_dir,
         cache_reused=reused,
+        mixture=mixture,
     )
     with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(prepared.summary(), fh, indent=1)

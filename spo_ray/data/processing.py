@@ -32,14 +32,29 @@ class Problem:
         return f"{self.location}: {RowProblem(self.field, self.reason, self.detail)}"
 
 
-def iter_examples(raw_rows: Iterator[RawRow], fmt: str) -> Iterator[tuple[RawRow, Example | RowProblem]]:
-    """Each raw row with its normalized Example, or the RowProblem that keeps it out."""
+def rename_columns(value: Any, columns: dict[str, str], key: str = "data.columns") -> Any:
+    """A row whose columns are renamed to fields per `columns` ({field: column}, config key `key`)."""
+    if not columns or not isinstance(value, dict):
+        return value
+    row = {name: item for name, item in value.items() if name not in columns.values()}
+    for name, column in columns.items():
+        if column not in value:
+            raise RowProblem(column, "missing_field", f"no column '{column}' (named by {key}.{name})")
+        row[name] = value[column]
+    return row
+
+
+def iter_examples(
+    raw_rows: Iterator[RawRow], fmt: str, columns: dict[str, str] | None = None, key: str = "data.columns"
+) -> Iterator[tuple[RawRow, Example | RowProblem]]:
+    """Each raw row (its columns renamed per `columns`) with its normalized Example, or the RowProblem
+    that keeps it out."""
     for raw in raw_rows:
         if raw.problem is not None:
             yield raw, raw.problem
             continue
         try:
-            yield raw, normalize_row(raw.value, fmt)
+            yield raw, normalize_row(rename_columns(raw.value, columns or {}, key), fmt)
         except RowProblem as problem:
             yield raw, problem
 
@@ -200,7 +215,8 @@ def process_chunk(chunk: Chunk, settings: dict[str, Any]) -> ChunkResult:
         pending.clear()
 
     try:
-        for raw, item in iter_examples(iter_chunk_rows(chunk), settings["format"]):
+        key, columns = settings.get("columns", {}).get(str(chunk.group), ("data.columns", {}))
+        for raw, item in iter_examples(iter_chunk_rows(chunk), settings["format"], columns, key):
             result.read += 1
             if isinstance(item, Example):
                 item = check_count(item, settings["num_responses"]) or item

@@ -7,7 +7,7 @@ import glob
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from spo_ray.data.schema import RowProblem
@@ -26,6 +26,8 @@ class Source:
     kind: str
     path: str
     split: str = ""
+    config: str = ""  # dataset config (subset) name, for kind hub
+    group: int = 0  # which data.sources entry it belongs to (a mixture), else 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Chunk:
     split: str = ""  # dataset split, for kinds disk and hub
     role: str = "train"  # "train" or "eval": which dataset the chunk's rows go to
     rows: int = -1  # rows in the chunk, where known before reading (-1: a JSON list)
+    config: str = ""  # dataset config name, for kind hub
+    group: int = 0  # the source's data.sources entry (its column mapping and mixture weight)
 
     def to_json(self) -> str:
         """The chunk as one JSON string (what a task receives)."""
@@ -135,24 +139,33 @@ def resolve_sources(patterns: list[str], key: str, split: str = "train") -> list
 
 
 def config_sources(cfg: DataConfig) -> tuple[list[Source], list[Source]]:
-    """(train, eval) sources of a data config: train_files plus hf_dataset, and eval_files."""
+    """(train, eval) sources of a data config: train_files plus hf_dataset (or the data.sources mixture,
+    each source tagged with its entry's index as `group`), and eval_files."""
+    if cfg.sources:
+        train = []
+        for group, entry in enumerate(cfg.sources):
+            found = resolve_sources(entry.files, f"data.sources[{group}].files", entry.hf_split)
+            if entry.hf_dataset:
+                found.append(Source("hub", entry.hf_dataset, entry.hf_split, entry.hf_config))
+            train += [replace(source, group=group) for source in found]
+        return train, resolve_sources(cfg.eval_files, "data.eval_files", cfg.hf_split)
     train = resolve_sources(cfg.train_files, "data.train_files", cfg.hf_split)
     if cfg.hf_dataset:
-        train.append(Source("hub", cfg.hf_dataset, cfg.hf_split))
+        train.append(Source("hub", cfg.hf_dataset, cfg.hf_split, cfg.hf_config))
     if not train:
         raise DataError("no training data: set data.train_files (files, globs, folders) or data.hf_dataset")
     return train, resolve_sources(cfg.eval_files, "data.eval_files", cfg.hf_split)
 
 
-def _load_arrow(source_kind: str, path: str, split: str):
-    """A memory-mapped `datasets.Dataset` for a save_to_disk folder or a hub dataset name."""
+def _load_arrow(source_kind: str, path: str, split: str, config: str = ""):
+    """A memory-mapped `datasets.Dataset` for a save_to_disk folder or a `load_dataset` dataset (config name)."""
     import datasets
 
     try:
         if source_kind == "disk":
             loaded = datasets.load_from_disk(path)
         else:
-            loaded = datasets.load_dataset(path, split=split)
+            loaded = datasets.load_dataset(path, config or None, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the path and the cause
         raise DataError(f"{path}: could not load the dataset ({type(exc).__name__}: {exc})") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -170,6 +183,8 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
         chunks.append(Chunk(index=first_index + len(chunks), role=role, **kw))
 
     for source in sources:
+        group = source.group
+
         if source.kind == "jsonl":
             start, line, rows, offset = 0, 1, 0, 0
             with open(source.path, "rb") as fh:
@@ -181,6 +196,7 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
                     rows += 1
                     if rows == rows_per_chunk:
                         add(
+                            group=group,
                             kind="jsonl",
                             path=source.path,
                             start=start,
@@ -190,25 +206,35 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
                         )
                         start, line, rows = offset, number + 1, 0
             if rows:
-                add(kind="jsonl", path=source.path, start=start, stop=offset, first_row=line, rows=rows)
+                add(
+                    group=group,
+                    kind="jsonl",
+                    path=source.path,
+                    start=start,
+                    stop=offset,
+                    first_row=line,
+                    rows=rows,
+                )
         elif source.kind in ("json", "csv"):  # one task reads the whole file
-            add(kind=source.kind, path=source.path, first_row=1 if source.kind == "csv" else 0)
+            add(group=group, kind=source.kind, path=source.path, first_row=1 if source.kind == "csv" else 0)
         else:
             if source.kind == "parquet":
                 import pyarrow.parquet as pq
 
                 total = pq.ParquetFile(source.path).metadata.num_rows
             else:
-                total = len(_load_arrow(source.kind, source.path, source.split))
+                total = len(_load_arrow(source.kind, source.path, source.split, source.config))
             for begin in range(0, total, rows_per_chunk):
                 stop = min(total, begin + rows_per_chunk)
                 add(
+                    group=group,
                     kind=source.kind,
                     path=source.path,
                     start=begin,
                     stop=stop,
                     first_row=begin,
                     split=source.split,
+                    config=source.config,
                 )
     return chunks
 
@@ -341,7 +367,7 @@ def _iter_table(chunk: Chunk) -> Iterator[RawRow]:
         table = parquet.read_row_groups([g for g, _ in groups])
         rows = table.slice(chunk.start - groups[0][1], chunk.stop - chunk.start).to_pylist()
     else:
-        dataset = _load_arrow(chunk.kind, chunk.path, chunk.split)
+        dataset = _load_arrow(chunk.kind, chunk.path, chunk.split, chunk.config)
         rows = dataset.with_format("arrow")[chunk.start : chunk.stop].to_pylist()
     for offset, value in enumerate(rows):
         yield RawRow(chunk.path, chunk.start + offset, False, value=value)

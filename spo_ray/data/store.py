@@ -51,6 +51,7 @@ class RowIndex:
     split_key: int = 0
     held_out: bool = False  # the eval side of the split
     columns: tuple[tuple[str, str], ...] = ()
+    selection: str = ""  # a mixture (data.sources): .npy of global rows, example id k -> row selection[k]
 
     @property
     def total(self) -> int:
@@ -65,6 +66,8 @@ class RowIndex:
     def global_rows(self, ids: np.ndarray) -> np.ndarray:
         """Global row numbers of example ids."""
         ids = np.asarray(ids, dtype=np.int64)
+        if self.selection:  # a mixture has no eval split (config.py refuses data.eval_fraction with one)
+            return np.asarray(np.load(self.selection, mmap_mode="r")[ids], dtype=np.int64)
         if not self.split_eval:
             return ids
         numbers = ids if self.held_out else ids + self.split_eval
@@ -109,9 +112,11 @@ class RowIndex:
         return table
 
     def scan_part(self, index: int) -> pa.Table:
-        """Every row of part `index` that belongs to this dataset, in file order."""
+        """Every row of part `index` that belongs to this dataset, in file order (not for a mixture)."""
         import pyarrow as pa
 
+        if self.selection:
+            raise ValueError("a mixture's rows are read by example id (RowIndex.read), not part by part")
         table = _mapped(self.parts[index])
         mask, ids = self.example_ids(np.arange(self.starts[index], self.starts[index + 1]))
         if not mask.all():
@@ -119,9 +124,11 @@ class RowIndex:
         return self._finish(table, ids)
 
     def dataset(self) -> ray.data.Dataset:
-        """A lazy dataset of every row, part by part (one read task per part file)."""
+        """A lazy dataset of every row, part by part (one read task per part file); a mixture's by id."""
         import ray.data
 
+        if self.selection:
+            return self.blocks(4096)
         items = [{"part": i} for i in range(len(self.parts))]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         return ds.map_batches(_scan_parts, batch_size=1, batch_format="numpy", fn_kwargs={"index": self})
