@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 from spo_ray.config import load_config
 from spo_ray.iterate import run_iterate
@@ -164,6 +165,17 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
     round_2 = json.loads((out / "rounds" / "round_2" / "train" / "config.json").read_text())
     assert round_2["model"]["reference_path"] == str(out / "expert_reference")
     assert round_2["model"]["path"] == summary["rounds"][1]["model"]
+    # each round also writes its adapter alone (a PEFT folder) beside the merged final/: the same model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained = out / "rounds" / "round_2" / "train"
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(round_2["model"]["path"])
+        from_adapter = PeftModel.from_pretrained(base, trained / "final_adapter")(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(trained / "final")(ids).logits
+    assert torch.allclose(from_adapter, merged, atol=1e-5)
 
 
 def test_sppo_round_regresses_log_ratios_onto_centered_win_probabilities(ray_runtime, tmp_path):
