@@ -64,12 +64,12 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
     from spo_ray.eval.expert import expert_metrics, response_distribution
     from spo_ray.judges.synthetic_expert import SyntheticExpertTask
     from spo_ray.models.loading import load_causal_lm, load_tokenizer
-    from spo_ray.train.job import prepare_expert_task, run_expert_job
-    from spo_ray.train.metrics import read_metrics
+    from spo_ray.training.job import prepare_expert_task, run_expert_job
+    from spo_ray.training.metrics import read_metrics
 
     task_root = out_dir / "task_root"
     if not ray.is_initialized():  # one local runtime for all runs, sized for the online row's rollout actor
-        from spo_ray.train.runner import local_cpus_needed
+        from spo_ray.training.runner import local_cpus_needed
 
         online_cfg = load_config(CONFIG, [*extra])
         ray.init(

@@ -21,7 +21,7 @@ from spo_ray.eval.expert import (
 )
 from spo_ray.eval.plots import plot_curves, plot_expert_distributions
 from spo_ray.judges.synthetic_expert import SyntheticExpertTask
-from spo_ray.train.sft import fit_reference
+from spo_ray.training.sft import fit_reference
 
 
 @pytest.fixture(scope="module")

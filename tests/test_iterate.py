@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from spo_ray.config import load_config
-from spo_ray.iterate import run_iterate
+from spo_ray.iterative import run_iterate
 from spo_ray.judges.synthetic_expert import SyntheticExpertTask
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 from faults import run_until
 
 from spo_ray.data.sharding import derive_key, permute
-from spo_ray.train.metrics import read_row_trace
+from spo_ray.training.metrics import read_row_trace
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yam
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo_ray.train.job import format_expert_table, run_expert_job
+    from spo_ray.training.job import format_expert_table, run_expert_job
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_config(config_path, args.overrides)

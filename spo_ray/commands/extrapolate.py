@@ -90,7 +90,7 @@ class ExpertEvaluator:
 def judge_prompts(cfg: Any, task: Any) -> list[list[dict[str, str]]]:
     """The first `iterate.eval_prompts` prompts of iterate.prompts_file (or the task's, or
     data.reg_prompts_file), as chat messages."""
-    from spo_ray.commands.generate import read_prompts
+    from spo_ray.data.prompts import read_prompts
 
     if cfg.iterate.prompts_file:
         prompts = read_prompts(cfg.iterate.prompts_file)
@@ -125,7 +125,7 @@ class JudgeEvaluator:
         import ray
 
         from spo_ray.judges import build_judge
-        from spo_ray.train.runner import ensure_ray
+        from spo_ray.training.runner import ensure_ray
 
         self.settings = cfg.iterate
         self.prompts = judge_prompts(cfg, task)
@@ -280,7 +280,7 @@ def run_grid(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo_ray.models.extrapolate import extrapolate
+    from spo_ray.api import extrapolate
 
     if args.grid is not None:
         return run_grid(args)

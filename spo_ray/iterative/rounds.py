@@ -28,7 +28,7 @@ from pathlib import Path
 from spo_ray.config import Config, TaskConfig, config_to_dict
 from spo_ray.errors import ConfigError
 from spo_ray.eval.win_rate import head_to_head, mean_score, monte_carlo_entropy
-from spo_ray.iterate.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
+from spo_ray.iterative.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
 from spo_ray.judges.base import JudgeRequest, build_judge, total_failures
 from spo_ray.storage import local_output
 
@@ -37,8 +37,8 @@ def run_iterate(cfg: Config) -> dict:
     """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`."""
     from spo_ray.models.loading import resolve_model_dir
     from spo_ray.rollout import RolloutPool
-    from spo_ray.train.metrics import MetricsLogger
-    from spo_ray.train.runner import ensure_ray
+    from spo_ray.training.metrics import MetricsLogger
+    from spo_ray.training.runner import ensure_ray
 
     started = time.perf_counter()
     kind = _example_kind(cfg)
@@ -48,7 +48,7 @@ def run_iterate(cfg: Config) -> dict:
     ensure_ray(cfg, extra_cpus=_extra_cpus(cfg))
     task = None
     if cfg.task.name == "synthetic_expert":
-        from spo_ray.train.job import prepare_expert_task
+        from spo_ray.training.job import prepare_expert_task
 
         cfg, task = prepare_expert_task(cfg, out)
     start_dir = resolve_model_dir(cfg.model, out)
@@ -191,7 +191,7 @@ class _Round:
     def _train(self, number: int, current: str, examples_path: Path, judging: dict) -> dict:
         """k optimizer steps from `current` on the round's rows (and `replay_rounds` earlier rounds' rows);
         resumes from its checkpoints, and is skipped once its final/ exists."""
-        from spo_ray.train.runner import run_training
+        from spo_ray.training.runner import run_training
 
         folder = self.rounds_dir / f"round_{number}"
         train_dir = folder / "train"
