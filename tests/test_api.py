@@ -182,3 +182,21 @@ print("REPORT " + _json.dumps({
     assert final == (tmp_path / "outputs" / "api_example" / "final").resolve()
     assert (final / "config.json").is_file()
     assert (tmp_path / "outputs" / "api_example" / "inputs" / "train_dataset.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_generate_returns_one_row_per_sample_and_leaves_the_callers_runtime_running(
+    ray_runtime, tiny_model_dir, tmp_path
+):
+    rows = spo_ray.generate(
+        tiny_model_dir,
+        ["hello there", [1, 280, 201]],
+        n=2,
+        max_tokens=4,
+        backend="hf",
+        out=tmp_path / "s.jsonl",
+    )
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(1 <= len(r["token_ids"]) <= 4 for r in rows) and rows[2]["prompt_token_ids"] == [1, 280, 201]
+    written = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert written == rows and ray_runtime.is_initialized()
