@@ -130,7 +130,7 @@ def ray_runs(steps: int, out_dir: Path, cpus_per_worker: int) -> dict:
 def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
     """SPO on the synthetic expert task: offline, online with overlap, online without overlap."""
     from spo_ray.config import load_config
-    from spo_ray.training.job import prepare_expert_task
+    from spo_ray.tasks.synthetic_expert import job as expert_job
     from spo_ray.training.runner import local_cpus_needed, run_training
 
     base = load_config(CONFIG, COMMON + [f"train.max_steps={steps}"])
@@ -147,7 +147,7 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
             COMMON
             + [f"train.max_steps={steps}", "loss.name=spo", f"output.dir={out_dir / name}", *overrides],
         )
-        cfg, _ = prepare_expert_task(cfg, task_root)  # shared task, pairs and fitted reference
+        cfg, _ = expert_job.prepare(cfg, task_root)  # shared task, pairs and fitted reference
         shutil.rmtree(
             out_dir / name, ignore_errors=True
         )  # a run dir with checkpoints would resume, not train

@@ -85,7 +85,7 @@ def train(
     `data.eval_files`. `callbacks`: `spo_ray.Callback`s, called in this process on each step, evaluation
     and checkpoint. With `task.name` set the built-in task writes its own data and is evaluated exactly.
     """
-    from spo_ray.training.job import run_job
+    from spo_ray.tasks import run_job
     from spo_ray.training.metrics import read_metrics
 
     cfg = _with_datasets(as_config(config, overrides, output_dir), train_dataset, eval_dataset)

@@ -171,7 +171,7 @@ def test_fsdp_clips_by_the_global_norm_and_checkpoints_syncs_and_resumes_full_we
 
 def _run_job(out, strategy: str) -> list[dict]:
     from spo_ray.config import load_config
-    from spo_ray.training.job import run_job
+    from spo_ray.tasks import run_job
 
     cfg = load_config(
         REPO / "configs" / "tiny_cpu.yaml",
