@@ -23,6 +23,9 @@ JUDGES: dict[str, str] = {
     "python": "spo_ray.judges.python_callable:PythonJudge",
 }
 
+# a scoring call's outcome per request: (scores, None, None), or (None, failure reason, message)
+RequestResult = tuple["list[float] | None", "str | None", "str | None"]
+
 # logit(P) is clamped to ±LOGIT_CLAMP when pairwise probabilities become utilities (P = 0 or 1 happen)
 LOGIT_CLAMP = 10.0
 
@@ -121,6 +124,20 @@ class Judge(ABC):
         if self.last_error is None:
             warnings.warn(f"{type(self).__name__}: {message} (counted as failure {reason!r})", stacklevel=2)
         self.last_error = message
+
+    def scored_judgements(
+        self, requests: list[JudgeRequest], results: list[RequestResult]
+    ) -> list[Judgement]:
+        """Judgements from per-request (scores, failure reason, message) results, in request order; a failed
+        request scores None for each response, counts its reason and records its message."""
+        judgements = []
+        for request, (scores, reason, message) in zip(requests, results):
+            if reason is None:
+                judgements.append(Judgement(scores=scores))
+                continue
+            self.record_error(reason, message)
+            judgements.append(Judgement(scores=[None] * len(request.responses), failures={reason: 1}))
+        return judgements
 
     def __enter__(self) -> Judge:
         return self
