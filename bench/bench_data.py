@@ -234,7 +234,7 @@ def run_scale(rows: int, work_dir: Path, tokenizer_dir: str, label: str) -> dict
 def run_resume(rows: int, work_dir: Path, tokenizer_dir: str, label: str, timed: bool) -> dict:
     """One `run_training` call on a fixed output dir (the first call trains 2 steps, the second resumes)."""
     from spo_ray.config import load_config
-    from spo_ray.train.runner import run_training
+    from spo_ray.training.runner import run_training
 
     overrides = [
         f"model.path={tokenizer_dir}",

@@ -47,7 +47,7 @@ def ensure_ray(num_cpus: int) -> None:
 
 def step_profile(run_dir: Path, pairs_per_step: int) -> dict:
     """Medians over steady steps: seconds per step, pairs/s, and where the time went."""
-    from spo_ray.train.metrics import read_metrics
+    from spo_ray.training.metrics import read_metrics
 
     rows = [m for m in read_metrics(run_dir) if "step_seconds" in m][WARMUP:]
     steps = [m["step_seconds"] for m in rows]
@@ -73,7 +73,7 @@ def ray_runs(steps: int, out_dir: Path, cpus_per_worker: int) -> dict:
     """Offline `run_training` on bench_train.py's tiny data: SPO and DPO on 1 worker with `cpus_per_worker`
     CPUs (torch threads), SPO on 2 workers with 1 CPU each: the same cores, split between two DDP ranks."""
     from spo_ray.config import load_config
-    from spo_ray.train.runner import run_training
+    from spo_ray.training.runner import run_training
 
     settings = SETTINGS["tiny"]
     batch = settings["batch"]
@@ -130,8 +130,8 @@ def ray_runs(steps: int, out_dir: Path, cpus_per_worker: int) -> dict:
 def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
     """SPO on the synthetic expert task: offline, online with overlap, online without overlap."""
     from spo_ray.config import load_config
-    from spo_ray.train.job import prepare_expert_task
-    from spo_ray.train.runner import local_cpus_needed, run_training
+    from spo_ray.tasks.synthetic_expert import job as expert_job
+    from spo_ray.training.runner import local_cpus_needed, run_training
 
     base = load_config(CONFIG, COMMON + [f"train.max_steps={steps}"])
     ensure_ray(local_cpus_needed(base))
@@ -147,7 +147,7 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
             COMMON
             + [f"train.max_steps={steps}", "loss.name=spo", f"output.dir={out_dir / name}", *overrides],
         )
-        cfg, _ = prepare_expert_task(cfg, task_root)  # shared task, pairs and fitted reference
+        cfg, _ = expert_job.prepare(cfg, task_root)  # shared task, pairs and fitted reference
         shutil.rmtree(
             out_dir / name, ignore_errors=True
         )  # a run dir with checkpoints would resume, not train

@@ -49,8 +49,8 @@ def method_alpha(overrides: list[str]) -> float:
 
 
 def evaluate(model_dir: str, task, alpha: float, beta: float, reference: torch.Tensor) -> dict:
-    from spo_ray.eval.expert import expert_metrics, response_distribution
     from spo_ray.models.loading import load_causal_lm, load_tokenizer
+    from spo_ray.tasks.synthetic_expert.evaluate import expert_metrics, response_distribution
 
     model = load_causal_lm(model_dir).eval()
     probs = response_distribution(model, load_tokenizer(model_dir), task)
@@ -61,15 +61,15 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
     import ray
 
     from spo_ray.config import load_config
-    from spo_ray.eval.expert import expert_metrics, response_distribution
-    from spo_ray.judges.synthetic_expert import SyntheticExpertTask
     from spo_ray.models.loading import load_causal_lm, load_tokenizer
-    from spo_ray.train.job import prepare_expert_task, run_expert_job
-    from spo_ray.train.metrics import read_metrics
+    from spo_ray.tasks.synthetic_expert import job as expert_job
+    from spo_ray.tasks.synthetic_expert.evaluate import expert_metrics, response_distribution
+    from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
+    from spo_ray.training.metrics import read_metrics
 
     task_root = out_dir / "task_root"
     if not ray.is_initialized():  # one local runtime for all runs, sized for the online row's rollout actor
-        from spo_ray.train.runner import local_cpus_needed
+        from spo_ray.training.runner import local_cpus_needed
 
         online_cfg = load_config(CONFIG, [*extra])
         ray.init(
@@ -81,7 +81,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         )
     common = ["logging.progress=false", "logging.wandb_mode=disabled", "train.checkpoint_every=0", *extra]
     base = load_config(CONFIG, common + [f"output.dir={out_dir / 'base'}"])
-    prepared_cfg, task = prepare_expert_task(base, task_root)  # the task, its pairs and the fitted reference
+    prepared_cfg, task = expert_job.prepare(base, task_root)  # the task, its pairs and the fitted reference
     task = SyntheticExpertTask.load(task_root / "task" / "task.json")
     reference_dir = str(task_root / "expert_reference")
     reference = response_distribution(
@@ -101,7 +101,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         "reference": expert_metrics(reference, task, 1.0, reference=reference),
         "rows": {},
     }
-    from spo_ray.eval.expert import empirical_optimum
+    from spo_ray.tasks.synthetic_expert.evaluate import empirical_optimum
 
     result["data_floor_tv"] = {}
     for alpha in (0.5, 1.0, 2.0):
@@ -120,7 +120,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             out_dir / name, ignore_errors=True
         )  # a run dir with checkpoints would resume, not train
         started = time.perf_counter()
-        summary = run_expert_job(cfg, task_root=task_root)
+        summary = expert_job.run_job(cfg, task_root=task_root)
         wall = time.perf_counter() - started
         alpha = method_alpha(overrides)
         metrics = evaluate(summary["final_model"], task, alpha, cfg.loss.beta, reference)

@@ -6,7 +6,7 @@ conversational rows with the chat template; the others get exactly those ids, ba
 
 - `trl_dpo`: `trl.DPOTrainer.train()`; its step k is the wall time between consecutive `on_step_end`
   callbacks (data loading, forward, backward, optimizer, metrics and logging are all in it);
-- `spo_ray_dpo` / `spo_ray_spo`: what a Ray Train worker runs per step (`spo_ray/train/loop.py`):
+- `spo_ray_dpo` / `spo_ray_spo`: what a Ray Train worker runs per step (`spo_ray/training/loop.py`):
   collate the rows -> `compute_step` -> backward -> clip -> AdamW -> schedule;
 - `bare_padded`: a hand-written forward over TRL's padded tensors, summed response log-probs as the
   loss, backward, AdamW (no reference, no metrics): the floor of a padded step;
@@ -36,7 +36,7 @@ from common import OUT, conversational_pairs, median, smollm2_dir, spread, tiny_
 
 from spo_ray.data import collate_preference_batch  # noqa: E402
 from spo_ray.losses import LossParams, get_loss  # noqa: E402
-from spo_ray.train.step import StepContext, compute_step  # noqa: E402
+from spo_ray.training.step import StepContext, compute_step  # noqa: E402
 
 BETA = 0.1  # the DPO β (TRL `beta`, spo_ray `loss.beta`)
 LORA = {
@@ -186,14 +186,14 @@ def spo_ray_rows(tokenized, start: int, size: int) -> dict:
 
 
 class SpoRaySetup:
-    """The step of `spo_ray/train/loop.py` on one process: collate -> compute_step -> backward -> clip -> AdamW."""
+    """The step of `spo_ray/training/loop.py` on one process: collate -> compute_step -> backward -> clip -> AdamW."""
 
     def __init__(self, model_dir: Path, loss: str, lora: bool, pad_token_id: int, packing: bool):
         from types import SimpleNamespace
 
         from spo_ray.config import ModelConfig
         from spo_ray.models.loading import load_policy_and_reference
-        from spo_ray.train.optim import build_optimizer
+        from spo_ray.training.optim import build_optimizer
 
         model_cfg = ModelConfig(path=str(model_dir))
         if lora:
@@ -248,7 +248,7 @@ class BareSetup:
     def prepare(self, trl_inputs: dict, rows: dict):
         if self.layout == "padded":
             return trl_inputs
-        from spo_ray.train.layouts import response_tokens
+        from spo_ray.training.layouts import response_tokens
 
         return response_tokens(self.model, collate_preference_batch(rows, self.pad_token_id))
 
@@ -261,7 +261,7 @@ class BareSetup:
             logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
             loss = -torch.where(mask, logps, 0.0).sum() / mask.shape[0]
         else:
-            from spo_ray.train.layouts import response_logits
+            from spo_ray.training.layouts import response_logits
 
             logits = response_logits(self.model, prepared)
             logps = torch.log_softmax(logits, -1).gather(-1, prepared.labels[:, None])
@@ -325,7 +325,7 @@ def token_counts(
     spo_ray's own templating of the same rows (no ChatML newline after eos)."""
     from spo_ray.data.schema import Example
     from spo_ray.data.templating import Templater
-    from spo_ray.train.layouts import shared_prompt_layout
+    from spo_ray.training.layouts import shared_prompt_layout
 
     padded, real, response, shared, shared_real = [], [], [], [], []
     for k in range(steps):

@@ -242,7 +242,7 @@ PROFILE_NOTES = [
     "entropy, mean logit and top-1 for its metrics; on top come the reference forward and the padding "
     "(30% of the tiny batch's tokens, 15% of SmolLM2's). spo_ray's step before this benchmark "
     "(one padded forward over chosen + rejected, full [2B, T, V] logits, log-softmax over every position) was "
-    "already at the padded floor; three changes in `spo_ray/train/step.py` took it below it: (1) each "
+    "already at the padded floor; three changes in `spo_ray/training/step.py` took it below it: (1) each "
     "prompt is run once, its responses follow it in the same row behind a 4-D attention mask (response j "
     "sees the prompt and its own prefix; positions continue from the prompt), so prompt tokens are not "
     "duplicated across chosen and rejected; (2) the LM head and log-softmax run only at the positions that "

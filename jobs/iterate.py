@@ -1,6 +1,6 @@
 """Entrypoint for `ray job submit --working-dir . -- python jobs/iterate.py --config ...` (iterative rounds).
 
-Thin on purpose: all logic lives in `spo_ray.iterate`. Inside a submitted job RAY_ADDRESS is set, so the
+Thin on purpose: all logic lives in `spo_ray.iterative`. Inside a submitted job RAY_ADDRESS is set, so the
 run joins the cluster instead of starting a local runtime; re-submitting resumes mid-round.
 When the job's `python` is not the project's environment, it re-runs with the cluster's (project_python.py).
 """

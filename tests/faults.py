@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from spo_ray.train.checkpointing import MANIFEST_FILE, CheckpointStore
-from spo_ray.train.metrics import read_metrics
+from spo_ray.training.checkpointing import MANIFEST_FILE, CheckpointStore
+from spo_ray.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SPO_RAY = str(Path(sys.executable).parent / "spo-ray")

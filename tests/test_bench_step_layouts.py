@@ -1,6 +1,6 @@
 """The trainer step's fast forward layouts compute the same thing as the plain padded forward.
 
-`spo_ray/train/layouts.py` runs each prompt once with its responses behind a 4-D mask (shared-prompt
+`spo_ray/training/layouts.py` runs each prompt once with its responses behind a 4-D mask (shared-prompt
 layout) and applies the LM head only where a response token is predicted; these tests pin that the
 per-sequence log-probs, every loss's value and the gradients match the padded batch's full-logits
 forward (bench/RESULTS.md measures the speed).
@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spo_ray.data import collate_preference_batch, response_logps
 from spo_ray.losses import LossParams, get_loss
-from spo_ray.train import layouts, step
-from spo_ray.train.step import StepContext, compute_step
+from spo_ray.training import layouts, step
+from spo_ray.training.step import StepContext, compute_step
 
 PROMPTS = ["Why does the river move?", "Tell me", "Name a color."]
 RESPONSES = [

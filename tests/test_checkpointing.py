@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spo_ray.config import TrainConfig
-from spo_ray.train.checkpointing import (
+from spo_ray.training.checkpointing import (
     MANIFEST_FILE,
     MODEL_FILE,
     OPTIM_FILE,
@@ -25,8 +25,8 @@ from spo_ray.train.checkpointing import (
     save_checkpoint,
     write_manifest,
 )
-from spo_ray.train.metrics import MetricsLogger, read_metrics
-from spo_ray.train.optim import build_optimizer
+from spo_ray.training.metrics import MetricsLogger, read_metrics
+from spo_ray.training.optim import build_optimizer
 
 
 def _save(model, folder, step):

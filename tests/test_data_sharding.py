@@ -10,7 +10,8 @@ import pytest
 
 from spo_ray.config import DataConfig
 from spo_ray.data import permute, prepare_preference_data, shard_plan, train_shards
-from spo_ray.data.sharding import derive_key, inverse_permute, shard_data_config
+from spo_ray.data.permutation import derive_key, inverse_permute
+from spo_ray.data.sharding import shard_data_config
 
 N = 23  # odd: with 2 ranks one example per epoch is left over
 WORLD = 2

@@ -159,7 +159,7 @@ def test_reg_prompts_reach_each_worker_through_the_object_store_and_sample_as_th
 ):
     from spo_ray.config import RolloutConfig
     from spo_ray.data import PromptSet
-    from spo_ray.train.online import OnlineSampler
+    from spo_ray.training.online import OnlineSampler
 
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(json.dumps({**ROW, "prompt": f"Why {i}?"}) for i in range(7)) + "\n")

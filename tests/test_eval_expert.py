@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spo_ray.eval.expert import (
+from spo_ray.eval.plots import plot_curves, plot_expert_distributions
+from spo_ray.tasks.synthetic_expert.evaluate import (
     encode_candidates,
     entropy,
     evaluate_expert,
@@ -19,9 +20,8 @@ from spo_ray.eval.expert import (
     response_logprobs,
     total_variation,
 )
-from spo_ray.eval.plots import plot_curves, plot_expert_distributions
-from spo_ray.judges.synthetic_expert import SyntheticExpertTask
-from spo_ray.train.sft import fit_reference
+from spo_ray.tasks.synthetic_expert.reference import fit_reference
+from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
 
 
 @pytest.fixture(scope="module")

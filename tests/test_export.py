@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from spo_ray.config import LoraConfig, ModelConfig
 from spo_ray.errors import ConfigError
 from spo_ray.models.loading import load_policy_and_reference
-from spo_ray.train.checkpointing import MODEL_FILE, trainable_state_dict
-from spo_ray.train.export import export_final_model
+from spo_ray.training.checkpointing import MODEL_FILE, trainable_state_dict
+from spo_ray.training.export import export_final_model
 
 
 def _checkpoint(tmp_path, model_cfg: ModelConfig, model_dir: str):

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from spo_ray.cli import main
 from spo_ray.errors import UserError
-from spo_ray.eval.expert import expert_metrics, response_distribution
-from spo_ray.judges.synthetic_expert import OUTSIDE_SCORE, SyntheticExpertTask
 from spo_ray.models.extrapolate import ModelMismatchError, extrapolate, read_state_dict
 from spo_ray.models.tiny import build_tiny_model
-from spo_ray.train.sft import fit_reference
+from spo_ray.tasks.synthetic_expert.evaluate import expert_metrics, response_distribution
+from spo_ray.tasks.synthetic_expert.reference import fit_reference
+from spo_ray.tasks.synthetic_expert.task import OUTSIDE_SCORE, SyntheticExpertTask
 
 
 def save_perturbed(source_dir, out_dir, seed: int, scale: float = 0.02, dtype=torch.float32, tied=False):

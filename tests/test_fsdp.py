@@ -20,15 +20,15 @@ from transformers import AutoModelForCausalLM
 
 from spo_ray.config import TrainConfig
 from spo_ray.rollout.weights import state_dict_for_sync
-from spo_ray.train.checkpointing import (
+from spo_ray.training.checkpointing import (
     MODEL_FILE,
     CheckpointStore,
     TrainState,
     load_checkpoint,
     save_checkpoint,
 )
-from spo_ray.train.optim import build_optimizer
-from spo_ray.train.parallel import _fully_shard, clip_grad_norm, gradient_sync
+from spo_ray.training.optim import build_optimizer
+from spo_ray.training.parallel import _fully_shard, clip_grad_norm, gradient_sync
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +171,7 @@ def test_fsdp_clips_by_the_global_norm_and_checkpoints_syncs_and_resumes_full_we
 
 def _run_job(out, strategy: str) -> list[dict]:
     from spo_ray.config import load_config
-    from spo_ray.train.job import run_job
+    from spo_ray.tasks import run_job
 
     cfg = load_config(
         REPO / "configs" / "tiny_cpu.yaml",

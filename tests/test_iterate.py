@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from spo_ray.config import load_config
-from spo_ray.iterate import run_iterate
-from spo_ray.judges.synthetic_expert import SyntheticExpertTask
+from spo_ray.iterative import run_iterate
+from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
 
 pytestmark = pytest.mark.slow
 

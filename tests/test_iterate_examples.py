@@ -10,7 +10,7 @@ import pytest
 
 from spo_ray.data import collate_preference_batch, normalize_row
 from spo_ray.data.schema import RowProblem
-from spo_ray.iterate import JudgedPrompt, build_examples
+from spo_ray.iterative import JudgedPrompt, build_examples
 from spo_ray.judges import Judgement
 
 PROMPT = [{"role": "user", "content": "Name a color."}]

@@ -298,3 +298,15 @@ def test_a_request_past_the_timeout_is_cancelled_and_counted(ray_runtime, driver
         quick, stuck = judge.judge([request("quick", ["a"]), request("sleep", ["a", "b"])])
     assert quick.scores == [0.0] and quick.failures == {}
     assert stuck.scores == [None, None] and stuck.failures == {"timeout": 1}
+
+
+def test_a_task_name_as_judge_picks_that_tasks_exact_judge_and_says_it_needs_the_task():
+    from spo_ray.errors import ConfigError
+    from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
+
+    task = SyntheticExpertTask.build(seed=0, num_prompts=2, num_candidates=3)
+    judge = build_judge(JudgeConfig(name="synthetic_expert"), task=task)
+    verdict = judge.judge([JudgeRequest(task.prompt_messages()[1], task.candidates[1])])[0]
+    assert verdict.scores == pytest.approx(task.rewards[1])
+    with pytest.raises(ConfigError, match=r"judge\.name.*set task\.name=synthetic_expert"):
+        build_judge(JudgeConfig(name="synthetic_expert"))

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spo_ray.config import LoraConfig, ModelConfig, TrainConfig, load_config
 from spo_ray.errors import ConfigError
 from spo_ray.models.loading import enable_gradient_checkpointing, load_policy_and_reference
-from spo_ray.train.checkpointing import MODEL_FILE, trainable_state_dict
-from spo_ray.train.export import export_final_model
-from spo_ray.train.optim import build_optimizer
+from spo_ray.training.checkpointing import MODEL_FILE, trainable_state_dict
+from spo_ray.training.export import export_final_model
+from spo_ray.training.optim import build_optimizer
 
 
 def _batch(tiny_model_dir):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from spo_ray.config import RolloutConfig
 from spo_ray.rollout import RolloutError, RolloutPool, state_dict_for_sync
-from spo_ray.train.online import OnlineSampler
+from spo_ray.training.online import OnlineSampler
 
 pytestmark = pytest.mark.slow
 

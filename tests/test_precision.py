@@ -11,8 +11,8 @@ from spo_ray.config import LoraConfig, ModelConfig, TrainConfig
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss, kl_per_position
 from spo_ray.models.loading import load_policy_and_reference
-from spo_ray.train.optim import build_optimizer
-from spo_ray.train.step import SampleBatch, StepContext, compute_step, preference_terms
+from spo_ray.training.optim import build_optimizer
+from spo_ray.training.step import SampleBatch, StepContext, compute_step, preference_terms
 
 
 def _rows(tokenizer, responses_per_prompt: list[list[str]]) -> dict:

@@ -11,8 +11,8 @@ from spo_ray.config import DataConfig, ModelConfig, TrainConfig
 from spo_ray.data import collate_preference_batch, prepare_preference_data
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import load_policy_and_reference
-from spo_ray.train.optim import build_optimizer
-from spo_ray.train.step import StepContext, compute_step, preference_terms
+from spo_ray.training.optim import build_optimizer
+from spo_ray.training.step import StepContext, compute_step, preference_terms
 
 PAIRS = [
     (f"Say something kind to friend {i}.", f"Hello friend {i}, good day!", f"Bye {i}.") for i in range(16)

@@ -9,7 +9,7 @@ import pytest
 
 from spo_ray.config import DataConfig
 from spo_ray.data import prepare_preference_data, train_shards
-from spo_ray.train.reference import ReferenceScorer, add_reference_logps
+from spo_ray.training.reference import ReferenceScorer, add_reference_logps
 
 
 @pytest.fixture(scope="module")

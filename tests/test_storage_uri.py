@@ -108,9 +108,9 @@ def test_a_file_uri_run_then_an_s3_run_that_resumes_from_its_checkpoint_in_the_b
     to shared storage), and the s3:// run resumes from that checkpoint, checkpoints and exports there."""
     import pyarrow.fs
 
-    from spo_ray.train.checkpointing import CheckpointStore, checkpoint_problem, read_state
-    from spo_ray.train.metrics import read_metrics
-    from spo_ray.train.runner import run_training
+    from spo_ray.training.checkpointing import CheckpointStore, checkpoint_problem, read_state
+    from spo_ray.training.metrics import read_metrics
+    from spo_ray.training.runner import run_training
 
     out = tmp_path / "file run"
     local = run_training(
@@ -160,8 +160,8 @@ def test_a_torn_checkpoint_in_the_bucket_is_refused_and_pruned_there(s3_server, 
 
     from spo_ray.config import TrainConfig
     from spo_ray.storage import upload_dir
-    from spo_ray.train.checkpointing import CheckpointStore, TrainState, save_checkpoint
-    from spo_ray.train.optim import build_optimizer
+    from spo_ray.training.checkpointing import CheckpointStore, TrainState, save_checkpoint
+    from spo_ray.training.optim import build_optimizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     optimizer, scheduler = build_optimizer(model, TrainConfig(max_steps=10, warmup_steps=0))

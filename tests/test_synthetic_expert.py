@@ -10,9 +10,10 @@ from collections import Counter
 import pytest
 import torch
 
-from spo_ray.data.synthetic import write_synthetic_expert_data
-from spo_ray.eval.expert import empirical_optimum, entropy, total_variation
-from spo_ray.judges.synthetic_expert import OUTSIDE_SCORE, SyntheticExpertTask
+from spo_ray.eval.distributions import entropy, total_variation
+from spo_ray.tasks.synthetic_expert.data import write_synthetic_expert_data
+from spo_ray.tasks.synthetic_expert.evaluate import empirical_optimum
+from spo_ray.tasks.synthetic_expert.task import OUTSIDE_SCORE, SyntheticExpertTask
 
 
 @pytest.fixture(scope="module")

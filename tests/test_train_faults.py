@@ -14,8 +14,8 @@ import subprocess
 import pytest
 from faults import MOMENTS, checkpoint_folders, run_until
 
-from spo_ray.train.checkpointing import CheckpointStore, checkpoint_problem, read_state
-from spo_ray.train.metrics import read_row_trace
+from spo_ray.training.checkpointing import CheckpointStore, checkpoint_problem, read_state
+from spo_ray.training.metrics import read_row_trace
 
 pytestmark = pytest.mark.slow
 

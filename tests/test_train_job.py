@@ -54,7 +54,7 @@ def assert_positions_continue_without_repeats_or_skips(rows, pairs_per_step):
 def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from spo_ray.train.job import run_job
+    from spo_ray.tasks import run_job
 
     out = tmp_path / "run"
     # overlap off: samples come from exactly the weights synced after the previous step (lag 0)
@@ -100,7 +100,7 @@ def _kill_train_worker_after(out_dir: Path, step: int, killed: list) -> None:
 
 
 def test_killed_train_worker_restarts_from_latest_checkpoint_and_finishes(ray_runtime, tmp_path):
-    from spo_ray.train.job import run_job
+    from spo_ray.tasks import run_job
 
     out = tmp_path / "crash"
     killed: list[int] = []

@@ -10,7 +10,7 @@ import pytest
 
 from spo_ray.cli import main
 from spo_ray.config import load_config
-from spo_ray.train import resources
+from spo_ray.training import resources
 
 
 def write_pairs(path, n: int, bad: int = 0) -> str:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss
-from spo_ray.train.optim import lr_factor
-from spo_ray.train.step import SampleBatch, StepContext, compute_step
+from spo_ray.training.optim import lr_factor
+from spo_ray.training.step import SampleBatch, StepContext, compute_step
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 def test_precomputed_reference_log_probs_give_the_same_dpo_loss_without_a_reference_forward(
     models, tiny_model_dir
 ):
-    from spo_ray.train.reference import ReferenceScorer
+    from spo_ray.training.reference import ReferenceScorer
 
     policy, reference, tokenizer = models
     rows = make_rows(tokenizer, PROMPTS, RESPONSES)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from faults import run_until
 
-from spo_ray.data.sharding import derive_key, permute
-from spo_ray.train.metrics import read_row_trace
+from spo_ray.data.permutation import derive_key, permute
+from spo_ray.training.metrics import read_row_trace
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_two_workers_killed_mid_run_resume_on_exactly_the_next_rows_with_samples
     assert all(r["policy_lag"] == 0 for r in rows)  # the worst rank's lag, every step
     assert all(r["rollout_logp_gap"] < 1e-3 for r in rows)  # both ranks sampled the synced weights
 
-    # the ids each rank trained on, against the epoch order the data's seed fixes (spo_ray/data/sharding.py)
+    # the ids each rank trained on, against the epoch order the data's seed fixes (spo_ray/data/permutation.py)
     config = json.loads((out / "config.json").read_text())
     n = summary["data"]["num_train"]
     order = np.argsort(permute(np.arange(n), n, derive_key(config["data"]["shuffle_seed"], "epoch", 0)))

@@ -14,7 +14,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yam
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo_ray.train.job import format_expert_table, run_expert_job
+    from spo_ray.tasks.synthetic_expert.job import format_expert_table, run_job
 
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_config(config_path, args.overrides)
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         run_cfg = dataclasses.replace(
             run_cfg, output=dataclasses.replace(run_cfg.output, dir=str(root / name))
         )
-        summaries[name] = run_expert_job(run_cfg, task_root=root / "shared")
+        summaries[name] = run_job(run_cfg, task_root=root / "shared")
     print("\n" + format_expert_table(list(summaries.values()), list(summaries)))
     print(f"target: softmax(r/alpha), alpha={cfg.loss.alpha}; plots in {root}/*/distributions.png")
     (root / "demo_summary.json").write_text(json.dumps(summaries, indent=1))

@@ -32,9 +32,9 @@ def format_rounds(rounds: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo_ray.iterate import run_iterate
+    from spo_ray.api import iterate
 
-    summary = run_iterate(load_run_config(args))
+    summary = iterate(load_run_config(args)).summary
     print(format_rounds(summary["rounds"]))
     print(f"final model: {summary['final_model']} ({summary['wall_seconds']:.1f}s)")
     return 0

@@ -9,9 +9,9 @@ from spo_ray.commands.config import add_config_arguments, load_run_config
 
 
 def run(args: argparse.Namespace) -> int:
-    from spo_ray.train.job import run_job
+    from spo_ray.api import train
 
-    summary = run_job(load_run_config(args))
+    summary = train(load_run_config(args)).summary
     print(
         json.dumps(
             {k: summary[k] for k in ("steps", "resumed_from_step", "wall_seconds", "pairs_per_second")},

@@ -8,21 +8,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for type checkers and editors; at run time names load on first use
     from spo_ray.data.checks import inspect_paths, validate_paths
     from spo_ray.data.collate import PreferenceBatch, collate_preference_batch, response_logps
-    from spo_ray.data.pipeline import PreparedData, prepare_preference_data
+    from spo_ray.data.permutation import permute
+    from spo_ray.data.pipeline import prepare_preference_data
+    from spo_ray.data.prepared import PreparedData
     from spo_ray.data.prompts import PromptSet, load_reg_prompts, read_prompt_file
     from spo_ray.data.schema import REASONS, Example, RowProblem, detect_format, normalize_row
-    from spo_ray.data.sharding import ShardPlan, permute, shard_data_config, shard_plan, train_shards
+    from spo_ray.data.sharding import ShardPlan, shard_data_config, shard_plan, train_shards
     from spo_ray.data.templating import Templater
 
 # Public names and the module that defines each; imported on first use so `spo-ray --help` stays fast.
 _EXPORTS = {
     "prepare_preference_data": "pipeline",
-    "PreparedData": "pipeline",
+    "PreparedData": "prepared",
     "train_shards": "sharding",
     "shard_data_config": "sharding",
     "shard_plan": "sharding",
     "ShardPlan": "sharding",
-    "permute": "sharding",
+    "permute": "permutation",
     "collate_preference_batch": "collate",
     "PreferenceBatch": "collate",
     "response_logps": "collate",

@@ -1,17 +1,19 @@
-"""Prompts for the global-KL regularizer: from data.reg_prompts_file, else the training prompts."""
+"""Prompt files: the global-KL regularizer's prompts (data.reg_prompts_file, else the training prompts) and plain prompt lists."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from spo_ray.data.schema import RowProblem, parse_prompt
 from spo_ray.data.sources import Chunk, config_sources, iter_chunk_rows, plan_chunks, resolve_sources
 from spo_ray.data.templating import Templater
-from spo_ray.errors import DataError
+from spo_ray.errors import DataError, UserError
 
 if TYPE_CHECKING:
     from spo_ray.config import DataConfig
@@ -128,3 +130,28 @@ def load_reg_prompts(
             f"{data_cfg.reg_prompts_file or 'data.train_files'}: no usable regularization prompts"
         )
     return out
+
+
+def read_prompts(path: str | os.PathLike) -> list[Any]:
+    """Prompts from .jsonl (objects with 'prompt': text, chat messages or token ids) or text, one per line."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts file '{path}' does not exist (cwd: {os.getcwd()})")
+    prompts: list[Any] = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if file.suffix not in (".jsonl", ".json"):
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            raise UserError(f'{path}:{number}: no \'prompt\' field (expected {{"prompt": "..."}})')
+        prompts.append(prompt)
+    if not prompts:
+        raise UserError(f"prompts file '{path}' holds no prompts")
+    return prompts

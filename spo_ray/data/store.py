@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spo_ray.data.sharding import inverse_permute, permute
+from spo_ray.data.permutation import inverse_permute, permute
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -12,7 +12,6 @@ from typing import Any
 from spo_ray.judges.base import JUDGES, Judge, Judgement, JudgeRequest, build_judge, total_failures
 
 _LAZY = {
-    "SyntheticExpertJudge": "spo_ray.judges.synthetic_expert",
     "RewardModelJudge": "spo_ray.judges.reward_model",
     "LLMJudge": "spo_ray.judges.llm_judge",
     "parse_verdict": "spo_ray.judges.llm_judge",

@@ -1,9 +1,10 @@
 """The judge protocol: a prompt and n responses in, scores or pairwise preference probabilities out.
 
-Every judge (synthetic expert, reward model, LLM judge, Python callable) implements `Judge.judge`,
+Every judge (reward model, LLM judge, Python callable, a built-in task's exact judge) implements `Judge.judge`,
 batched over prompts. A judge that cannot give a verdict (an unparseable LLM answer, an exception in
 a callable) leaves that entry `None` and counts the reason in `Judgement.failures`: a failure is never
-turned into a preference. `build_judge` maps `judge.name` to its class (imported lazily).
+turned into a preference. `build_judge` maps `judge.name` to its class (imported lazily), or to the judge of
+the run's built-in task when `judge.name` names that task (`spo_ray.tasks`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 JUDGES: dict[str, str] = {
-    "synthetic_expert": "spo_ray.judges.synthetic_expert:SyntheticExpertJudge",
     "reward_model": "spo_ray.judges.reward_model:RewardModelJudge",
     "llm_judge": "spo_ray.judges.llm_judge:LLMJudge",
     "python": "spo_ray.judges.python_callable:PythonJudge",
 }
+
+# a scoring call's outcome per request: (scores, None, None), or (None, failure reason, message)
+RequestResult = tuple["list[float] | None", "str | None", "str | None"]
 
 # logit(P) is clamped to ±LOGIT_CLAMP when pairwise probabilities become utilities (P = 0 or 1 happen)
 LOGIT_CLAMP = 10.0
@@ -122,6 +125,20 @@ class Judge(ABC):
             warnings.warn(f"{type(self).__name__}: {message} (counted as failure {reason!r})", stacklevel=2)
         self.last_error = message
 
+    def scored_judgements(
+        self, requests: list[JudgeRequest], results: list[RequestResult]
+    ) -> list[Judgement]:
+        """Judgements from per-request (scores, failure reason, message) results, in request order; a failed
+        request scores None for each response, counts its reason and records its message."""
+        judgements = []
+        for request, (scores, reason, message) in zip(requests, results):
+            if reason is None:
+                judgements.append(Judgement(scores=scores))
+                continue
+            self.record_error(reason, message)
+            judgements.append(Judgement(scores=[None] * len(request.responses), failures={reason: 1}))
+        return judgements
+
     def __enter__(self) -> Judge:
         return self
 
@@ -147,9 +164,18 @@ def actor_options(cfg) -> dict[str, Any]:
 
 
 def build_judge(cfg, *, task: Any = None) -> Judge:
-    """The judge named by `cfg.name` (a JudgeConfig); `task` is the synthetic expert task when there is one."""
+    """The judge named by `cfg.name` (a JudgeConfig); `task`: the run's built-in task, whose `judge()` is used
+    when `cfg.name` is the task's name."""
+    if task is not None and cfg.name == task.name:
+        return task.judge()
     if cfg.name not in JUDGES:
-        raise ValueError(f"unknown judge {cfg.name!r}; known: {', '.join(JUDGES)}")
+        from spo_ray.errors import ConfigError
+
+        raise ConfigError(
+            "judge.name",
+            f"'{cfg.name}' is not a judge on its own ({', '.join(JUDGES)} are); a built-in task's name picks "
+            f"that task's exact judge, so set task.name={cfg.name} too, or pick one of those judges",
+        )
     module_name, class_name = JUDGES[cfg.name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls.from_config(cfg, task=task)

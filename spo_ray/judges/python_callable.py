@@ -23,10 +23,16 @@ from ray import cloudpickle
 from ray.exceptions import RayError
 
 from spo_ray.errors import ConfigError, UserError
-from spo_ray.judges.base import Judge, Judgement, JudgeRequest, actor_options, contiguous_chunks
+from spo_ray.judges.base import (
+    Judge,
+    Judgement,
+    JudgeRequest,
+    RequestResult,
+    actor_options,
+    contiguous_chunks,
+)
 
 # What a task returns per request: (scores, failure reason, message); scores None on failure.
-RequestResult = tuple["list[float] | None", "str | None", "str | None"]
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -216,11 +222,4 @@ class PythonJudge(Judge):
                 results += ray.get(ref)
             except RayError as exc:  # the worker died (a crash in native code, out of memory)
                 results += [(None, "error", f"requests {chunk.start}..{chunk.stop - 1}: {exc}")] * size
-        judgements = []
-        for request, (scores, reason, message) in zip(requests, results):
-            if reason is None:
-                judgements.append(Judgement(scores=scores))
-                continue
-            self.record_error(reason, message)
-            judgements.append(Judgement(scores=[None] * len(request.responses), failures={reason: 1}))
-        return judgements
+        return self.scored_judgements(requests, results)

@@ -21,12 +21,18 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from spo_ray.errors import ConfigError, UserError
-from spo_ray.judges.base import Judge, Judgement, JudgeRequest, actor_options, contiguous_chunks
+from spo_ray.judges.base import (
+    Judge,
+    Judgement,
+    JudgeRequest,
+    RequestResult,
+    actor_options,
+    contiguous_chunks,
+)
 
 _PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 # What an actor returns per request: (scores, failure reason, error message); scores None on failure.
-RequestResult = tuple["list[float] | None", "str | None", "str | None"]
 
 
 def reward_model_text(tokenizer: Any, prompt: list[dict[str, str]], response: str) -> str:
@@ -217,14 +223,7 @@ class RewardModelJudge(Judge):
             for actor, chunk in zip(self.actors, chunks)
         ]
         results = [result for part in self._get(refs, "scoring") for result in part]
-        judgements = []
-        for request, (scores, reason, message) in zip(requests, results):
-            if reason is None:
-                judgements.append(Judgement(scores=scores))
-                continue
-            self.record_error(reason, message)
-            judgements.append(Judgement(scores=[None] * len(request.responses), failures={reason: 1}))
-        return judgements
+        return self.scored_judgements(requests, results)
 
     def _get(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         try:

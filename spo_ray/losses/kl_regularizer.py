@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -125,57 +126,58 @@ def _without_value(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach()
 
 
-def token_kl_estimator(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    sample_tokens: torch.Tensor,
-    mask: torch.Tensor,
-    behavior_logps: torch.Tensor | None = None,
-    is_clip: float | None = None,
-    baseline: torch.Tensor | float | None = None,
-) -> KLRegularizerOutput:
+KLEstimator = Callable[..., KLRegularizerOutput]
+
+
+def _estimator(kl_gradient: bool = True) -> Callable[[Callable[..., torch.Tensor]], KLEstimator]:
+    """Make an estimator from its surrogate `loss(terms, kl_t, baseline) -> [B]`: every estimator takes the same
+    arguments (policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip, baseline) and shares
+    the per-sample terms and the exact per-position KL `kl_t` [B, T] (without gradient when only logged)."""
+
+    def make(surrogate: Callable[..., torch.Tensor]) -> KLEstimator:
+        def estimate(
+            policy_logits: torch.Tensor,
+            ref_logits: torch.Tensor,
+            sample_tokens: torch.Tensor,
+            mask: torch.Tensor,
+            behavior_logps: torch.Tensor | None = None,
+            is_clip: float | None = None,
+            baseline: torch.Tensor | float | None = None,
+        ) -> KLRegularizerOutput:
+            terms = _sample_terms(policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip)
+            with torch.set_grad_enabled(kl_gradient and torch.is_grad_enabled()):
+                kl_t = _masked_kl_per_position(policy_logits, ref_logits, terms.mask)
+            return _output(terms, surrogate(terms, kl_t, baseline), kl_t)
+
+        estimate.__name__ = estimate.__qualname__ = surrogate.__name__
+        estimate.__doc__ = surrogate.__doc__
+        return estimate
+
+    return make
+
+
+@_estimator()
+def token_kl_estimator(terms: _SampleTerms, kl_t: torch.Tensor, baseline=None) -> torch.Tensor:
     """`token` (biased, low variance): Σ_t ρ_<t · KL_t, exact per-position KL, prefixes held fixed."""
-    terms = _sample_terms(policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip)
-    kl_t = _masked_kl_per_position(policy_logits, ref_logits, terms.mask)
-    return _output(terms, (terms.prefix_weight * kl_t).sum(-1), kl_t)
+    return (terms.prefix_weight * kl_t).sum(-1)
 
 
-def token_unbiased_kl_estimator(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    sample_tokens: torch.Tensor,
-    mask: torch.Tensor,
-    behavior_logps: torch.Tensor | None = None,
-    is_clip: float | None = None,
-    baseline: torch.Tensor | float | None = None,
-) -> KLRegularizerOutput:
+@_estimator()
+def token_unbiased_kl_estimator(terms: _SampleTerms, kl_t: torch.Tensor, baseline=None) -> torch.Tensor:
     """`token_unbiased`: Σ_t ρ_<t KL_t + Σ_t ∇log π_θ(y_t|·) · sg(Σ_{s>t} ρ_<s KL_s); unbiased for ∇KL."""
-    terms = _sample_terms(policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip)
-    kl_t = _masked_kl_per_position(policy_logits, ref_logits, terms.mask)
     weighted_kl = terms.prefix_weight * kl_t  # [B, T]
     future_kl = weighted_kl.detach().flip(-1).cumsum(-1).flip(-1) - weighted_kl.detach()  # Σ_{s>t}, [B, T]
-    score_term = (_without_value(terms.policy_logps) * future_kl).sum(-1)
-    return _output(terms, weighted_kl.sum(-1) + score_term, kl_t)
+    return weighted_kl.sum(-1) + (_without_value(terms.policy_logps) * future_kl).sum(-1)
 
 
-def sequence_kl_estimator(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    sample_tokens: torch.Tensor,
-    mask: torch.Tensor,
-    behavior_logps: torch.Tensor | None = None,
-    is_clip: float | None = None,
-    baseline: torch.Tensor | float | None = None,
-) -> KLRegularizerOutput:
+@_estimator(kl_gradient=False)  # the per-position KL is only logged here
+def sequence_kl_estimator(terms: _SampleTerms, kl_t: torch.Tensor, baseline=None) -> torch.Tensor:
     """`sequence` (unbiased, high variance): ρ · sg(d(y) − b) · ∇lp_θ(y), d = lp_θ − lp_ref; value ρ · d.
 
     `baseline` b: None = leave-one-out batch mean of d (the mean of the other rows, 0 when B = 1), which
     keeps the estimator unbiased (a mean including the row itself would shrink it by (B−1)/B); or a
     constant (float or [B] tensor) that does not depend on the row's own sample.
     """
-    terms = _sample_terms(policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip)
-    with torch.no_grad():
-        kl_t = _masked_kl_per_position(policy_logits, ref_logits, terms.mask)  # logging only
     log_ratio = (terms.policy_logps - terms.ref_logps).sum(-1).detach()  # d(y), [B]
     if baseline is None:
         batch = log_ratio.shape[0]
@@ -183,11 +185,8 @@ def sequence_kl_estimator(
     else:
         b = torch.as_tensor(baseline, dtype=log_ratio.dtype, device=log_ratio.device).detach()
     weight = terms.sequence_weight
-    surrogate = weight * log_ratio + weight * (log_ratio - b) * _without_value(terms.policy_logps.sum(-1))
-    return _output(terms, surrogate, kl_t)
+    return weight * log_ratio + weight * (log_ratio - b) * _without_value(terms.policy_logps.sum(-1))
 
-
-KLEstimator = Callable[..., KLRegularizerOutput]
 
 KL_ESTIMATORS: dict[str, KLEstimator] = {
     "token": token_kl_estimator,
@@ -206,17 +205,8 @@ def get_kl_estimator(name: str) -> KLEstimator:
         ) from None
 
 
-def kl_regularizer(
-    estimator: str,
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    sample_tokens: torch.Tensor,
-    mask: torch.Tensor,
-    behavior_logps: torch.Tensor | None = None,
-    is_clip: float | None = None,
-    baseline: torch.Tensor | float | None = None,
-) -> KLRegularizerOutput:
-    """Surrogate loss [B] of the global KL regularizer under the named estimator (see the module docstring)."""
-    return get_kl_estimator(estimator)(
-        policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip, baseline
-    )
+def kl_regularizer(estimator: str, *args: Any, **kwargs: Any) -> KLRegularizerOutput:
+    """Surrogate loss [B] of the global KL regularizer under the named estimator (see the module docstring);
+    the other arguments are every estimator's: policy_logits, ref_logits, sample_tokens, mask,
+    behavior_logps=None, is_clip=None, baseline=None."""
+    return get_kl_estimator(estimator)(*args, **kwargs)

@@ -193,17 +193,9 @@ class RolloutPool:
         checked = check_prompts(prompts)
         return PendingSamples(self.manager.generate.remote(checked, settings, seed), self.bound_s)
 
-    def generate(
-        self,
-        prompts: list[Prompt],
-        n: int | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-    ) -> list[list[Sample]]:
-        """One list of `n` samples per prompt; `generate_async(...).result()`."""
-        return self.generate_async(prompts, n, max_tokens, temperature, top_p, seed).result()
+    def generate(self, prompts: list[Prompt], **settings: Any) -> list[list[Sample]]:
+        """One list of `n` samples per prompt: `generate_async(prompts, **settings).result()`, same settings."""
+        return self.generate_async(prompts, **settings).result()
 
     def prefer_this_node(self) -> int:
         """With `colocate`, move the engines to this process's node (the trainers' rank 0 calls it before

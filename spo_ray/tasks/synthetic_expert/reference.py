@@ -10,14 +10,13 @@ from pathlib import Path
 
 import torch
 
-from spo_ray.eval.expert import (
+from spo_ray.eval.distributions import restrict_to_support, total_variation
+from spo_ray.tasks.synthetic_expert.evaluate import (
     candidate_logprobs,
     encode_candidates,
     response_distribution,
-    restrict_to_support,
-    total_variation,
 )
-from spo_ray.judges.synthetic_expert import SyntheticExpertTask
+from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
 
 
 def fit_reference(

@@ -26,7 +26,7 @@ from spo_ray.losses import (
     shift_for_causal_lm,
     token_logps,
 )
-from spo_ray.train.layouts import (
+from spo_ray.training.layouts import (
     per_sequence,
     response_logits,
     response_tokens,

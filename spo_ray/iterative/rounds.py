@@ -28,17 +28,18 @@ from pathlib import Path
 from spo_ray.config import Config, TaskConfig, config_to_dict
 from spo_ray.errors import ConfigError
 from spo_ray.eval.win_rate import head_to_head, mean_score, monte_carlo_entropy
-from spo_ray.iterate.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
+from spo_ray.iterative.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
 from spo_ray.judges.base import JudgeRequest, build_judge, total_failures
 from spo_ray.storage import local_output
+from spo_ray.tasks import prepare_task
 
 
 def run_iterate(cfg: Config) -> dict:
     """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`."""
     from spo_ray.models.loading import resolve_model_dir
     from spo_ray.rollout import RolloutPool
-    from spo_ray.train.metrics import MetricsLogger
-    from spo_ray.train.runner import ensure_ray
+    from spo_ray.training.metrics import MetricsLogger
+    from spo_ray.training.runner import ensure_ray
 
     started = time.perf_counter()
     kind = _example_kind(cfg)
@@ -46,11 +47,7 @@ def run_iterate(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
     ensure_ray(cfg, extra_cpus=_extra_cpus(cfg))
-    task = None
-    if cfg.task.name == "synthetic_expert":
-        from spo_ray.train.job import prepare_expert_task
-
-        cfg, task = prepare_expert_task(cfg, out)
+    cfg, task = prepare_task(cfg, out)  # a built-in task writes its data and reference; else (cfg, None)
     start_dir = resolve_model_dir(cfg.model, out)
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, reference_path=cfg.model.reference_path or start_dir)
@@ -191,7 +188,7 @@ class _Round:
     def _train(self, number: int, current: str, examples_path: Path, judging: dict) -> dict:
         """k optimizer steps from `current` on the round's rows (and `replay_rounds` earlier rounds' rows);
         resumes from its checkpoints, and is skipped once its final/ exists."""
-        from spo_ray.train.runner import run_training
+        from spo_ray.training.runner import run_training
 
         folder = self.rounds_dir / f"round_{number}"
         train_dir = folder / "train"
@@ -262,12 +259,8 @@ class _Round:
         return record
 
     def _exact(self, model_dir: str) -> dict:
-        """The synthetic task's exact metrics of π on S: expected reward, TV to softmax(r/α), entropy."""
-        from spo_ray.eval.expert import expert_metrics, model_distribution_on_s
-
-        metrics = expert_metrics(
-            model_distribution_on_s(model_dir, self.task), self.task, self.cfg.loss.alpha
-        )
+        """The built-in task's exact metrics of π: expected reward, TV to softmax(r/α), entropy, mass on S."""
+        metrics = self.task.exact_metrics(model_dir, self.cfg.loss.alpha)
         keys = ("judge_expected_reward", "expected_reward", "tv_to_target", "entropy", "mass_on_s")
         return {f"expert_{k}": metrics[k] for k in keys}
 
@@ -302,9 +295,7 @@ def _example_kind(cfg: Config) -> str:
 def _extra_cpus(cfg: Config) -> float:
     """CPUs beyond the training run's own: the candidate pool when training runs offline, judge actors."""
     rollout = 0.0 if cfg.loss.kl_coef > 0 else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
-    judge = (
-        0.0 if cfg.judge.name == "synthetic_expert" else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
-    )
+    judge = 0.0 if cfg.judge.name == cfg.task.name else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
     return rollout + judge
 
 
@@ -315,7 +306,7 @@ def _prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
     if cfg.iterate.prompts_file:
         return read_prompt_file(cfg.iterate.prompts_file, "iterate.prompts_file")
     if task is not None:
-        return [[{"role": "user", "content": prompt}] for prompt in task.prompts]
+        return task.prompt_messages()
     if cfg.data.reg_prompts_file:
         return read_prompt_file(cfg.data.reg_prompts_file, "data.reg_prompts_file")
     raise ConfigError(

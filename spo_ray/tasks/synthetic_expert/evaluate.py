@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from spo_ray.judges.synthetic_expert import OUTSIDE_SCORE, SyntheticExpertTask
+from spo_ray.eval.distributions import entropy, kl_divergence, restrict_to_support, total_variation
+from spo_ray.tasks.synthetic_expert.task import OUTSIDE_SCORE, SyntheticExpertTask
 
 
 @dataclass
@@ -97,26 +98,6 @@ def model_distribution_on_s(model_dir: str, task: SyntheticExpertTask) -> torch.
 
 # ---------------------------------------------------------------------------------------------------
 # Distances between distributions over S (last dim), as plain functions
-
-
-def restrict_to_support(probs: torch.Tensor) -> torch.Tensor:
-    """Renormalize the rows of π(y|x) on S to sum to one: π(y|x) / Σ_{y'∈S} π(y'|x)."""
-    return probs / probs.sum(-1, keepdim=True)
-
-
-def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """TV(p, q) = ½ Σ |p − q| over the last dim."""
-    return 0.5 * (p - q).abs().sum(-1)
-
-
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    """H(p) = −Σ p log p in nats over the last dim (0 log 0 = 0)."""
-    return -torch.special.xlogy(p, p).sum(-1)
-
-
-def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) = Σ p (log p − log q) in nats over the last dim."""
-    return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -30,12 +31,13 @@ from spo_ray.errors import ConfigError, DiskFullError, is_disk_full
 from spo_ray.logs import configure_logging, ray_logging_config
 from spo_ray.losses import get_loss
 from spo_ray.models.loading import load_tokenizer, resolve_model_dir
-from spo_ray.train.checkpointing import CheckpointStore, read_state
-from spo_ray.train.export import export_final_model
-from spo_ray.train.loop import train_loop_per_worker
-from spo_ray.train.metrics import read_metrics
-from spo_ray.train.reference import add_reference_logps
-from spo_ray.train.resources import FirstStepWatch, check_cluster_resources
+from spo_ray.training.callbacks import Callback, RunWatcher
+from spo_ray.training.checkpointing import CheckpointStore, read_state
+from spo_ray.training.export import export_final_model
+from spo_ray.training.loop import train_loop_per_worker
+from spo_ray.training.metrics import read_metrics
+from spo_ray.training.reference import add_reference_logps
+from spo_ray.training.resources import FirstStepWatch, check_cluster_resources
 
 RUN_NAME = "ray_train"
 
@@ -98,11 +100,18 @@ def scoring_actors(cfg: Config) -> dict:
     }
 
 
-def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=None) -> dict:
+def run_training(
+    cfg: Config,
+    *,
+    task_info: dict | None = None,
+    rollout_pool=None,
+    callbacks: Sequence[Callback] = (),
+) -> dict:
     """Train per `cfg`, write `summary.json`, `metrics.jsonl` and `final/` into `cfg.output.dir`; return the summary.
 
     `rollout_pool`: a running RolloutPool already serving the starting weights (version 0) to use for the
     online KL samples instead of starting one (iterative rounds share theirs); the caller shuts it down.
+    `callbacks`: `spo_ray.Callback`s called in this process on each step, evaluation and checkpoint.
     """
     started = time.perf_counter()
     out = storage.output_location(cfg.output.dir)  # a local Path, or a RemotePath for a URI
@@ -204,7 +213,8 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
             datasets=shards,
             dataset_config=shard_data_config(),
         )
-        result = trainer.fit()
+        with RunWatcher(out, store, callbacks, after_step=position.step if position else 0) as watcher:
+            result = trainer.fit()
     except Exception as exc:
         if is_disk_full(exc):  # one message instead of each retry's traceback
             raise disk_full_error(
@@ -215,6 +225,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
         watch.stop()
         if pool is not None and pool is not rollout_pool:
             pool.shutdown()
+    watcher.raise_if_failed()
     stopped = result.return_value or {}  # rank 0's: the workers stopped together before a save
     if stopped.get("disk_full"):
         raise disk_full_error(work, store, stopped["disk_full"])
@@ -238,6 +249,7 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
         "loss": cfg.loss.name,
         "final_model": str(out / "final"),
         **({"final_adapter": str(adapter_out)} if adapter_out else {}),
+        "checkpoint": str(final_dir),
     }
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -8,7 +8,7 @@ import tempfile
 
 from spo_ray import storage
 from spo_ray.models.loading import DTYPES, load_policy_and_reference, load_tokenizer
-from spo_ray.train.checkpointing import load_model_weights
+from spo_ray.training.checkpointing import load_model_weights
 
 
 def export_final_model(

@@ -1,29 +1,24 @@
-"""A whole job: prepare a built-in task if configured, train, evaluate, plot, and print a short table."""
+"""The synthetic expert task's job: write the task and a fitted reference, train, evaluate exactly, plot, tabulate."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from spo_ray.config import Config
 from spo_ray.storage import local_output
-from spo_ray.train.runner import run_training
+from spo_ray.training.callbacks import Callback
+from spo_ray.training.runner import run_training
 
 
-def run_job(cfg: Config) -> dict:
-    """`spo-ray train`: plain training, or the synthetic expert task with exact before/after evaluation."""
-    if cfg.task.name == "synthetic_expert":
-        return run_expert_job(cfg)
-    return run_training(cfg)
-
-
-def prepare_expert_task(cfg: Config, out: Path) -> tuple[Config, object]:
+def prepare(cfg: Config, out: Path) -> tuple[Config, object]:
     """Write the task, its preference data and a reference fitted to the task's non-uniform q (once, in `out`)."""
-    from spo_ray.data.synthetic import write_synthetic_expert_data
-    from spo_ray.judges.synthetic_expert import SyntheticExpertTask
     from spo_ray.models.loading import resolve_model_dir
-    from spo_ray.train.sft import fit_reference
+    from spo_ray.tasks.synthetic_expert.data import write_synthetic_expert_data
+    from spo_ray.tasks.synthetic_expert.reference import fit_reference
+    from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
 
     t = cfg.task
     task_dir = out / "task"
@@ -50,21 +45,21 @@ def prepare_expert_task(cfg: Config, out: Path) -> tuple[Config, object]:
     return dataclasses.replace(cfg, model=model, data=data), task
 
 
-def run_expert_job(cfg: Config, task_root: Path | None = None) -> dict:
+def run_job(cfg: Config, callbacks: Sequence[Callback] = (), task_root: Path | None = None) -> dict:
     """Train on the synthetic expert task; `task_root` shares one task + fitted reference between runs."""
     import torch
 
-    from spo_ray.eval.expert import expert_metrics, model_distribution_on_s
     from spo_ray.eval.plots import plot_curves, plot_expert_distributions
-    from spo_ray.train.metrics import read_metrics
+    from spo_ray.tasks.synthetic_expert.evaluate import expert_metrics, model_distribution_on_s
+    from spo_ray.training.metrics import read_metrics
 
     out = local_output(cfg.output.dir, "task.name=synthetic_expert (its evaluation and plots)")
     out.mkdir(parents=True, exist_ok=True)
-    cfg, task = prepare_expert_task(cfg, task_root or out)
+    cfg, task = prepare(cfg, task_root or out)
     alpha, beta = cfg.loss.alpha, cfg.loss.beta
     reference = model_distribution_on_s(cfg.model.path, task)  # [P, K]: the starting policy is the reference
     before = expert_metrics(reference, task, alpha, beta=beta, reference=reference)
-    summary = run_training(cfg)
+    summary = run_training(cfg, callbacks=callbacks)
     after = expert_metrics(
         model_distribution_on_s(summary["final_model"], task), task, alpha, beta=beta, reference=reference
     )

@@ -9,6 +9,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -65,6 +66,7 @@ def _normalize_response(text: str) -> str:
 class SyntheticExpertTask:
     """Prompts x, candidates S(x), rewards r[x][k], and a non-uniform reference q[x][k] over S(x)."""
 
+    name: ClassVar[str] = "synthetic_expert"  # task.name, and judge.name for its exact judge
     prompts: list[str]
     candidates: list[list[str]]  # [P][K]
     rewards: list[list[float]]  # [P][K]
@@ -233,6 +235,22 @@ class SyntheticExpertTask:
         score_a, score_b = self.score(prompt, [a, b])
         return _sigmoid(score_a - score_b)
 
+    # ---- the built-in task protocol (spo_ray.tasks): what iterative rounds and ExPO grids ask of a task
+
+    def judge(self) -> SyntheticExpertJudge:
+        """The exact Bradley–Terry expert (judge.name: synthetic_expert)."""
+        return SyntheticExpertJudge(self)
+
+    def prompt_messages(self) -> list[list[dict[str, str]]]:
+        """The task's prompts as single user turns."""
+        return [[{"role": "user", "content": prompt}] for prompt in self.prompts]
+
+    def exact_metrics(self, model_dir: str | os.PathLike, alpha: float) -> dict:
+        """Exact metrics of a model folder's π on S: rewards, TV to softmax(r/α), entropy, mass on S."""
+        from spo_ray.tasks.synthetic_expert.evaluate import expert_metrics, model_distribution_on_s
+
+        return expert_metrics(model_distribution_on_s(str(model_dir), self), self, alpha)
+
     def _prompt_index(self, prompt: str) -> int:
         try:
             return self._index[prompt]
@@ -256,19 +274,6 @@ class SyntheticExpertJudge(Judge):
 
     def __init__(self, task: SyntheticExpertTask):
         self.task = task
-
-    @classmethod
-    def from_config(cls, cfg, *, task: SyntheticExpertTask | None = None) -> SyntheticExpertJudge:
-        """Needs the task (`task.name: synthetic_expert` writes it); the judge config has nothing to add."""
-        if task is None:
-            from spo_ray.errors import ConfigError
-
-            raise ConfigError(
-                "judge.name",
-                "synthetic_expert judges the synthetic expert task: set task.name=synthetic_expert, or pick "
-                "another judge (reward_model, llm_judge, python)",
-            )
-        return cls(task)
 
     def judge(self, requests: list[JudgeRequest]) -> list[Judgement]:
         """Exact scores; the expert never fails (a prompt outside the task raises KeyError)."""

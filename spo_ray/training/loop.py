@@ -18,7 +18,7 @@ from spo_ray.logs import configure_logging
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import enable_gradient_checkpointing, load_policy_and_reference
 from spo_ray.storage import local_copy
-from spo_ray.train.checkpointing import (
+from spo_ray.training.checkpointing import (
     CheckpointStore,
     TrainState,
     checkpoint_bytes,
@@ -27,11 +27,11 @@ from spo_ray.train.checkpointing import (
     save_checkpoint,
     space_shortfall,
 )
-from spo_ray.train.metrics import MetricsLogger, RowTrace
-from spo_ray.train.online import OnlineSampler
-from spo_ray.train.optim import build_optimizer
-from spo_ray.train.parallel import clip_grad_norm, gradient_sync, prepare_policy, prepare_reference
-from spo_ray.train.step import SampleBatch, StepContext, compute_step
+from spo_ray.training.metrics import MetricsLogger, RowTrace
+from spo_ray.training.online import OnlineSampler
+from spo_ray.training.optim import build_optimizer
+from spo_ray.training.parallel import clip_grad_norm, gradient_sync, prepare_policy, prepare_reference
+from spo_ray.training.step import SampleBatch, StepContext, compute_step
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,6 @@
 """Iterative online alignment: rounds of generate -> judge -> build examples -> train -> sync."""
 
-from spo_ray.iterate.examples import EXAMPLE_KINDS, JudgedPrompt, build_examples
-from spo_ray.iterate.rounds import run_iterate
+from spo_ray.iterative.examples import EXAMPLE_KINDS, JudgedPrompt, build_examples
+from spo_ray.iterative.rounds import run_iterate
 
 __all__ = ["EXAMPLE_KINDS", "JudgedPrompt", "build_examples", "run_iterate"]

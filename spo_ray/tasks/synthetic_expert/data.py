@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from spo_ray.judges.synthetic_expert import SyntheticExpertTask
+from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
 
 
 def write_synthetic_expert_data(
