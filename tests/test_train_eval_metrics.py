@@ -172,3 +172,25 @@ def test_every_rank_runs_the_same_number_of_eval_batches_and_each_row_counts_onc
 def test_evaluation_runs_every_eval_every_steps_and_after_the_last():
     assert [s for s in range(1, 11) if eval_due(s, 10, 4)] == [4, 8, 10]
     assert [s for s in range(1, 11) if eval_due(s, 10, 0)] == [10]
+
+
+def test_eval_lines_are_written_whatever_log_every_says_and_samples_go_to_samples_jsonl(tmp_path):
+    from spo_ray.train.metrics import MetricsLogger, read_metrics, read_samples
+
+    settings = SimpleNamespace(
+        log_every=5, progress=True, wandb_mode="disabled", wandb_project="spo_ray", samples_every=2
+    )
+    logger = MetricsLogger(str(tmp_path), settings, {}, total_steps=4, start_step=0)
+    logger.log(1, {"loss": 1.0})
+    logger.log(2, {"loss": 0.9, "eval/loss": 0.5, "eval/rewards/accuracies": 0.75})
+    row = {"step": 2, "policy_version": 1, "prompt": "Hi", "completion": "Hello.", "finish_reason": "stop"}
+    logger.log_samples(2, [row])
+    logger.log(3, {"loss": 0.8})
+    assert logger.progress.postfix.endswith(
+        "eval/loss=0.5, eval/rewards/accuracies=0.75"
+    )  # kept after step 2
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2] and read_samples(tmp_path) == [row]
+    resumed = MetricsLogger(str(tmp_path), settings, {}, total_steps=4, start_step=1)  # a resume from step 1
+    resumed.close()
+    assert read_samples(tmp_path) == [] and read_metrics(tmp_path) == []

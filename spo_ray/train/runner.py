@@ -166,6 +166,12 @@ def run_training(cfg: Config, *, task_info: dict | None = None, rollout_pool=Non
     eval_rows = None
     if prepared.eval_rows is not None and prepared.num_eval:  # read once; the workers split them by rank
         eval_rows = ray.put(prepared.eval_rows.read(np.arange(prepared.num_eval)))
+    elif cfg.train.eval_every:
+        print(
+            f"train.eval_every={cfg.train.eval_every}: there are no eval rows (set data.eval_files or "
+            "data.eval_fraction), so the run does not evaluate",
+            flush=True,
+        )
     if cfg.logging.samples_every and cfg.loss.kl_coef == 0:
         print(
             "logging.samples_every: this run draws no online samples (loss.kl_coef=0 starts no rollout), "
