@@ -219,7 +219,8 @@ def kl_regularizer_output(ctx: StepContext, samples: SampleBatch):
     )
     with torch.no_grad():
         sample_logps = sequence_logps(shifted.logits.detach(), shifted.labels, shifted.mask)
-        entropy = token_entropy(shifted.logits.detach()[shifted.mask])  # [sampled tokens]
+        logits = shifted.logits.detach()  # one sequence's sampled positions copied at a time: [t_i, V]
+        entropy = torch.cat([token_entropy(row[mask]) for row, mask in zip(logits, shifted.mask)])
     return kl, sample_logps, entropy
 
 
