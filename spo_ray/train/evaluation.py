@@ -100,10 +100,10 @@ class Evaluator:
         sums: dict[str, torch.Tensor] = {}
         count = torch.zeros((), dtype=torch.float64)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            if self.ref_logps is None:
-                self.ref_logps = self._score_reference()
-            policy.eval()
+            policy.eval()  # no dropout (LoRA's included) in the policy or in its adapter-free reference mode
             try:
+                if self.ref_logps is None:
+                    self.ref_logps = self._score_reference()
                 for (take, weight), ref_logps in zip(self.batches, self.ref_logps):
                     batch = dataclasses.replace(self._batch(take), ref_logps=ref_logps)
                     for name, values in self._row_metrics(batch).items():
