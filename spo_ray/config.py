@@ -246,6 +246,12 @@ class TrainConfig:
         20, "save a resumable checkpoint every this many steps; 0 only at the end", ge=0
     )
     keep_checkpoints: int = option(2, "keep the last k checkpoints", ge=1)
+    eval_every: int = option(
+        0,
+        "evaluate on the eval rows (data.eval_files / eval_fraction) every this many steps; 0: only after "
+        "the last step. Metrics eval/* (README: Metrics)",
+        ge=0,
+    )
     max_failures: int = option(
         2, "automatic restarts of a crashed worker group from the latest checkpoint", ge=0
     )
@@ -382,6 +388,15 @@ class LoggingConfig:
     wandb_project: str = option("spo_ray", "Weights & Biases project")
     log_every: int = option(1, "write metrics every this many steps", ge=1)
     progress: bool = option(True, "show progress bars on the console")
+    samples_every: int = option(
+        0,
+        "every this many steps write a few of the policy's online samples to samples.jsonl and a wandb Table "
+        "(needs the rollout: loss.kl_coef > 0); 0: off",
+        ge=0,
+    )
+    num_samples: int = option(
+        4, "samples logged each logging.samples_every steps (rank 0's first ones)", ge=1
+    )
     row_trace: bool = option(
         False,
         "write the example ids each rank trains on at every optimizer step to rows_rank<r>.jsonl "

@@ -189,6 +189,8 @@ def _run_job(out, strategy: str) -> list[dict]:
             "train.checkpoint_every=2",
             "train.warmup_steps=1",
             "train.max_grad_norm=0.5",  # below these steps' norms: every step is clipped
+            "data.eval_fraction=0.1",  # 20 held-out rows, evaluated by both ranks at steps 2 and 4
+            "train.eval_every=2",
             "logging.progress=false",
             "logging.wandb_mode=disabled",
             f"output.dir={out}",
@@ -210,6 +212,10 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_and_trains_exactly_as_ddp_goes_on(r
         assert ours["step"] == theirs["step"] and theirs["grad_norm"] > 0.5
         for key in ("loss", "grad_norm"):  # the global norm: a per-shard one would be about 1/sqrt(2) of it
             assert abs(ours[key] - theirs[key]) <= 1e-4 * abs(theirs[key]), (key, ours, theirs)
+    # the evaluation after the last step (sharded policy and reference under FSDP) agrees with DDP's
+    assert ddp[-1]["eval/rows"] == fsdp[-1]["eval/rows"] == 20 and "eval/rows" in ddp[1]
+    for key in ("eval/loss", "eval/rewards/chosen", "eval/rewards/margins", "eval/logps/rejected"):
+        assert fsdp[-1][key] == pytest.approx(ddp[-1][key], rel=1e-4, abs=1e-6), key
 
     weights = {
         name: load_file(str(CheckpointStore(tmp_path / name / "checkpoints").latest() / MODEL_FILE))

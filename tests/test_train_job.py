@@ -58,9 +58,9 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
 
     out = tmp_path / "run"
     # overlap off: samples come from exactly the weights synced after the previous step (lag 0)
-    first = run_job(small_config(out, "train.max_steps=6", "rollout.overlap=false"))
+    first = run_job(small_config(out, "train.max_steps=6", "rollout.overlap=false", *EVAL_AND_SAMPLES))
     assert first["steps"] == 6 and first["resumed_from_step"] == 0
-    assert first["bad_rows"] == {} and first["data"]["num_train"] == 400
+    assert first["bad_rows"] == {} and first["data"]["num_train"] == 360 and first["data"]["num_eval"] == 40
     assert first["wall_seconds"] > 0 and first["expert_tv_after"] != first["expert_tv_before"]  # it trained
     assert first["entropy_before"] > 0 and 0 < first["mass_on_s_after"] <= 1
     last = first["final_metrics"]
@@ -78,9 +78,67 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.model_type == "llama"
     assert (out / "distributions.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
 
-    second = run_job(small_config(out, "train.max_steps=9", "rollout.overlap=false"))
+    second = run_job(small_config(out, "train.max_steps=9", "rollout.overlap=false", *EVAL_AND_SAMPLES))
     assert second["resumed_from_step"] == 6 and second["steps"] == 9
-    assert_positions_continue_without_repeats_or_skips(metric_rows(out), pairs_per_step=8)
+    rows = metric_rows(out)
+    assert_positions_continue_without_repeats_or_skips(rows, pairs_per_step=8)
+
+    # evaluation every 4 steps and after the last step of each run, on all 40 held-out rows
+    evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows}
+    assert [step for step, e in evals.items() if e] == [4, 6, 8, 9]
+    assert all(evals[step]["eval/rows"] == 40 for step in (4, 6, 8, 9))
+    assert first["eval"] == evals[6] and second["eval"] == evals[9]
+    assert all("logps/chosen" in r and "entropy/samples" in r and r["kl/samples"] >= 0 for r in rows)
+    # the final evaluation is the TRL metrics of the final model against the reference on the eval rows
+    direct = eval_metrics_of(out / "final", json.loads((out / "config.json").read_text()), out)
+    for name, value in direct.items():
+        assert second["eval"][f"eval/{name}"] == pytest.approx(value, abs=1e-4), name
+
+    # samples.jsonl: every 2 steps, 2 samples generated from the weights synced after the step before
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert all(s["policy_version"] == s["step"] - 1 and s["completion"].strip() for s in samples)
+    assert all(s["prompt"].strip() for s in samples)
+
+
+EVAL_AND_SAMPLES = [
+    "data.eval_fraction=0.1",
+    "train.eval_every=4",
+    "logging.samples_every=2",
+    "logging.num_samples=2",
+]
+
+
+def eval_metrics_of(model_dir, config: dict, out) -> dict[str, float]:
+    """TRL's eval metrics computed directly: each held-out row's responses scored by the model and the reference."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spo_ray.config import config_from_dict
+    from spo_ray.data import collate_preference_batch, prepare_preference_data, response_logps
+
+    cfg = config_from_dict(config)
+    prepared = prepare_preference_data(cfg.data, cfg.model.path, str(out))  # the run's cached parts
+    table = prepared.eval_rows.read(np.arange(prepared.num_eval))
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    batch = collate_preference_batch(rows, prepared.pad_token_id)
+    logps = []
+    for path in (model_dir, cfg.model.path):  # the final policy, then the reference (the run's start)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        with torch.no_grad():
+            logps.append(response_logps(model(**batch.model_inputs()).logits, batch).view(-1, 2))
+    policy, reference = logps
+    assert (batch.ranking[:, 0] == 0).all()  # pairwise rows: column 0 is the chosen response
+    rewards = cfg.loss.beta * (policy - reference)
+    return {
+        "rewards/chosen": rewards[:, 0].mean().item(),
+        "rewards/rejected": rewards[:, 1].mean().item(),
+        "rewards/margins": (rewards[:, 0] - rewards[:, 1]).mean().item(),
+        "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).double().mean().item(),
+        "logps/chosen": policy[:, 0].mean().item(),
+        "logps/rejected": policy[:, 1].mean().item(),
+    }
 
 
 def _kill_train_worker_after(out_dir: Path, step: int, killed: list) -> None:

@@ -25,6 +25,9 @@ TWO_WORKERS_ONLINE = [  # on top of faults.FAULT_RUN: a checkpoint every 2 steps
     "rollout.max_tokens=8",
     "rollout.overlap=false",  # each step's samples must come from the weights synced after the last
     "rollout.max_policy_lag=0",
+    "data.eval_fraction=0.1",  # 16 of the 160 rows held out, evaluated every 2 steps by both ranks
+    "train.eval_every=2",
+    "logging.samples_every=3",
 ]
 
 
@@ -41,6 +44,13 @@ def test_two_workers_killed_mid_run_resume_on_exactly_the_next_rows_with_samples
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["policy_lag"] == 0 for r in rows)  # the worst rank's lag, every step
     assert all(r["rollout_logp_gap"] < 1e-3 for r in rows)  # both ranks sampled the synced weights
+    # each rank evaluated its half of the held-out rows, each row counted once; the killed run's lines past
+    # its checkpoint were dropped on resume, for samples.jsonl as for metrics.jsonl
+    assert [r["step"] for r in rows if "eval/rows" in r] == [2, 4, 6]
+    assert all(r["eval/rows"] == 16 for r in rows if "eval/rows" in r) and summary["eval"]["eval/rows"] == 16
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [3] * 4 + [6] * 4  # rank 0's 2 prompts x 2 samples, every 3 steps
+    assert all(s["policy_version"] == s["step"] - 1 and s["completion"].strip() for s in samples)
 
     # the ids each rank trained on, against the epoch order the data's seed fixes (spo_ray/data/permutation.py)
     config = json.loads((out / "config.json").read_text())

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spo_ray.data.sharding import derive_key
+from spo_ray.data.permutation import derive_key
 from spo_ray.data.sources import Chunk, iter_chunk_rows
 from spo_ray.errors import ConfigError, DataError
 

@@ -29,6 +29,8 @@ from spo_ray.losses.registry import (
     PreferenceTerms,
     get_loss,
     preference_metrics,
+    preferred_column,
+    trl_metrics,
 )
 from spo_ray.losses.spo import spo_best_of_n_loss, spo_pairwise_loss, spo_ranked_loss
 
@@ -50,6 +52,7 @@ __all__ = [
     "kl_regularizer",
     "preference_log_ratio",
     "preference_metrics",
+    "preferred_column",
     "rdpo_loss",
     "sequence_kl_estimator",
     "sequence_kl_ref_to_policy",
@@ -65,4 +68,5 @@ __all__ = [
     "token_kl_estimator",
     "token_logps",
     "token_unbiased_kl_estimator",
+    "trl_metrics",
 ]

@@ -225,12 +225,7 @@ def preference_metrics(terms: PreferenceTerms) -> dict[str, torch.Tensor]:
         rewards = terms.policy_logps if terms.ref_logps is None else terms.policy_logps - terms.ref_logps
         if rewards.dim() != 2 or rewards.shape[1] < 2:
             return {}
-        if terms.best_index is not None:
-            preferred = terms.best_index.long()
-        elif terms.ranking is not None:
-            preferred = terms.ranking[:, 0].long()
-        else:
-            preferred = torch.zeros(rewards.shape[0], dtype=torch.long, device=rewards.device)
+        preferred = preferred_column(terms)
         preferred_reward = rewards.gather(1, preferred[:, None]).squeeze(1)  # [B]
         others = rewards.scatter(1, preferred[:, None], -torch.inf)
         margin = preferred_reward - others.max(1).values
@@ -239,3 +234,48 @@ def preference_metrics(terms: PreferenceTerms) -> dict[str, torch.Tensor]:
             "margin": margin.mean(),
             "preferred_reward": preferred_reward.mean(),
         }
+
+
+def preferred_column(terms: PreferenceTerms) -> torch.Tensor:
+    """[B] long: the preferred response's column (`best_index`, else `ranking[:, 0]`, else 0 = pairwise chosen)."""
+    if terms.best_index is not None:
+        return terms.best_index.long()
+    if terms.ranking is not None:
+        return terms.ranking[:, 0].long()
+    return torch.zeros(terms.policy_logps.shape[0], dtype=torch.long, device=terms.policy_logps.device)
+
+
+def trl_metrics(terms: PreferenceTerms, beta: float) -> dict[str, torch.Tensor]:
+    """Per-row [B] values of TRL DPOTrainer's metrics (take the mean over rows to log them).
+
+    `logps/chosen`, `logps/rejected`: lp_θ of the preferred response and of the others; with `ref_logps`
+    also `rewards/chosen` = β·(lp_θ − lp_ref) of the preferred response, `rewards/rejected` (the others'),
+    `rewards/margins` = chosen − rejected and `rewards/accuracies` = 1 where the chosen reward is above every
+    other response's. Pairwise rows (n = 2) give TRL's values exactly; with n > 2 "rejected" is the mean over
+    the n − 1 other responses (unranked ones included). β is `loss.beta`, DPO's β as in TRL.
+    """
+    with torch.no_grad():
+        logps = terms.policy_logps  # [B, n]
+        if logps.dim() != 2 or logps.shape[1] < 2:
+            return {}
+        preferred = preferred_column(terms)[:, None]  # [B, 1]
+        others = torch.ones_like(logps, dtype=torch.bool).scatter(1, preferred, False)  # [B, n]
+
+        def chosen_and_rest(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rest = torch.where(others, values, 0.0).sum(1) / others.sum(1)
+            return values.gather(1, preferred).squeeze(1), rest
+
+        out = dict(zip(("logps/chosen", "logps/rejected"), chosen_and_rest(logps)))
+        if terms.ref_logps is not None:
+            rewards = beta * (logps - terms.ref_logps)  # [B, n]
+            chosen, rejected = chosen_and_rest(rewards)
+            best_other = torch.where(others, rewards, -torch.inf).max(1).values
+            out.update(
+                {
+                    "rewards/chosen": chosen,
+                    "rewards/rejected": rejected,
+                    "rewards/margins": chosen - rejected,
+                    "rewards/accuracies": (chosen > best_other).to(rewards.dtype),
+                }
+            )
+        return out

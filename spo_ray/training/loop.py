@@ -16,7 +16,12 @@ from spo_ray.config import config_from_dict
 from spo_ray.data import collate_preference_batch
 from spo_ray.logs import configure_logging
 from spo_ray.losses import LossParams, get_loss
-from spo_ray.models.loading import enable_gradient_checkpointing, load_policy_and_reference
+from spo_ray.models.loading import (
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_policy_and_reference,
+    load_tokenizer,
+)
 from spo_ray.storage import local_copy
 from spo_ray.training.checkpointing import (
     CheckpointStore,
@@ -27,6 +32,7 @@ from spo_ray.training.checkpointing import (
     save_checkpoint,
     space_shortfall,
 )
+from spo_ray.training.evaluation import Evaluator, eval_due
 from spo_ray.training.metrics import MetricsLogger, RowTrace
 from spo_ray.training.online import OnlineSampler
 from spo_ray.training.optim import build_optimizer
@@ -139,6 +145,26 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     )
 
     trace = RowTrace(loop_config["output_dir"], rank, state.step) if cfg.logging.row_trace else None
+    evaluator = None
+    if loop_config.get("eval_rows") is not None:  # every rank evaluates its share (collectives inside)
+        evaluator = Evaluator(
+            loop_config["eval_rows"],
+            step_ctx,
+            batch_size=cfg.train.batch_size,
+            rank=rank,
+            world=world,
+            pad_token_id=loop_config["pad_token_id"],
+            packing=cfg.data.packing,
+            device=device,
+            load_reference=lambda: prepare_reference(
+                load_causal_lm(loop_config["reference_dir"], cfg.model.dtype), cfg.train.strategy, device
+            ),
+        )
+    tokenizer = (
+        load_tokenizer(loop_config["model_dir"])
+        if logger is not None and online is not None and cfg.logging.samples_every
+        else None
+    )
     batches = _batch_stream(cfg, state, loop_config["pad_token_id"], rank, world)
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     stopped = None  # why the loop stopped before train.max_steps; rank 0's value reaches the driver
@@ -196,6 +222,12 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         metrics.update(data_epoch=float(state.epoch), data_consumed=float(state.consumed_in_epoch))
         metrics["tokens_per_s"] = metrics.pop("tokens") * world / elapsed
         metrics["pairs_per_s"] = pairs_per_step / elapsed
+        if evaluator is not None and eval_due(state.step, cfg.train.max_steps, cfg.train.eval_every):
+            metrics.update(evaluator.evaluate())  # every rank, at the same steps; not in step_seconds
+        if tokenizer is not None and state.step % cfg.logging.samples_every == 0:
+            logger.log_samples(
+                state.step, sample_rows(tokenizer, samples, state.step, cfg.logging.num_samples)
+            )
         if logger is not None:
             logger.log(state.step, metrics)
         if trace is not None:
@@ -215,6 +247,20 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if logger is not None:
         logger.close()
     return stopped
+
+
+def sample_rows(tokenizer, samples: list, step: int, count: int) -> list[dict]:
+    """The first `count` online samples of this step as samples.jsonl rows (prompt and completion decoded)."""
+    return [
+        {
+            "step": step,
+            "policy_version": sample.policy_version,
+            "prompt": tokenizer.decode(list(sample.prompt_token_ids), skip_special_tokens=True),
+            "completion": tokenizer.decode(list(sample.token_ids), skip_special_tokens=True),
+            "finish_reason": sample.finish_reason,
+        }
+        for sample in samples[:count]
+    ]
 
 
 def _disk_shortfall(rank, store, policy, optimizer, logger, trace) -> str | None:

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from spo_ray import storage
 
 PROGRESS_KEYS = ("loss", "kl_k1", "accuracy", "pairs_per_s")
+PROGRESS_EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies")  # shown from the latest evaluation on
+SAMPLE_COLUMNS = ("step", "policy_version", "prompt", "completion", "finish_reason")
 
 
 class MetricsLogger:
@@ -32,6 +34,11 @@ class MetricsLogger:
     ):
         self.file = StagedJsonl(output_dir, "metrics.jsonl", start_step)
         self.path = self.file.local
+        # samples.jsonl: the policy's own samples every logging.samples_every steps (log_samples)
+        self.samples = (
+            StagedJsonl(output_dir, "samples.jsonl", start_step) if logging_cfg.samples_every else None
+        )
+        self.last_eval: dict[str, float] = {}
         self.write_error: str | None = (
             None  # set when the disk filled up; the loop stops at its next checkpoint
         )
@@ -59,21 +66,41 @@ class MetricsLogger:
                 )
 
     def log(self, step: int, metrics: dict) -> None:
+        """One step's metrics; a step with `eval/*` metrics is written whatever logging.log_every says."""
+        self.last_eval.update({k: metrics[k] for k in PROGRESS_EVAL_KEYS if k in metrics})
         if self.progress is not None:
             self.progress.update(step - self.progress.n)
-            self.progress.set_postfix({k: f"{metrics[k]:.4g}" for k in PROGRESS_KEYS if k in metrics})
-        if step % self.log_every:
+            shown = {k: metrics[k] for k in PROGRESS_KEYS if k in metrics} | self.last_eval
+            self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        has_eval = any(k.startswith("eval/") for k in metrics)
+        if step % self.log_every and not has_eval:
             return
         self.write_error = self.write_error or self.file.append(json.dumps({"step": step, **metrics}))
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """Rows of SAMPLE_COLUMNS: one line each in samples.jsonl, and one wandb Table `samples` per call."""
+        if self.samples is None or not rows:
+            return
+        for row in rows:
+            self.write_error = self.write_error or self.samples.append(json.dumps(row))
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(
+                columns=list(SAMPLE_COLUMNS), data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows]
+            )
+            self.wandb_run.log({"samples": table}, step=step)
+
     def sync(self) -> None:
-        """Make the output dir's metrics.jsonl hold every line logged so far (an upload when remote)."""
+        """Make the output dir's metrics.jsonl (and samples.jsonl) hold every line so far (an upload when remote)."""
         self.file.sync()
+        if self.samples is not None:
+            self.samples.sync()
 
     def close(self) -> None:
-        self.file.sync()
+        self.sync()
         if self.progress is not None:
             self.progress.close()
         if self.wandb_run is not None:
@@ -189,3 +216,8 @@ def _stable_run_id(output_dir: Path) -> str:
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
     return _read_jsonl(storage.location(output_dir) / "metrics.jsonl")
+
+
+def read_samples(output_dir: str | os.PathLike) -> list[dict]:
+    """The rows of samples.jsonl (logging.samples_every): SAMPLE_COLUMNS."""
+    return _read_jsonl(storage.location(output_dir) / "samples.jsonl")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -173,6 +174,22 @@ def run_training(
         ),
     )
 
+    eval_rows = None
+    if prepared.eval_rows is not None and prepared.num_eval:  # read once; the workers split them by rank
+        eval_rows = ray.put(prepared.eval_rows.read(np.arange(prepared.num_eval)))
+    elif cfg.train.eval_every:
+        print(
+            f"train.eval_every={cfg.train.eval_every}: there are no eval rows (set data.eval_files or "
+            "data.eval_fraction), so the run does not evaluate",
+            flush=True,
+        )
+    if cfg.logging.samples_every and cfg.loss.kl_coef == 0:
+        print(
+            "logging.samples_every: this run draws no online samples (loss.kl_coef=0 starts no rollout), "
+            "so no samples.jsonl is written",
+            flush=True,
+        )
+
     pool, reg_prompts = None, None
     if cfg.loss.kl_coef > 0:
         from spo_ray.rollout import RolloutPool
@@ -191,6 +208,7 @@ def run_training(
                 "output_dir": _for_workers(out),
                 "rollout_pool": pool,
                 "reg_prompts_ref": reg_prompts,
+                "eval_rows": eval_rows,
                 "ref_logps_precomputed": bool(precomputed),
                 "checkpoint_root": _for_workers(store.root),
                 "resume_from": _for_workers(latest) if latest else None,
@@ -251,6 +269,8 @@ def run_training(
         **({"final_adapter": str(adapter_out)} if adapter_out else {}),
         "checkpoint": str(final_dir),
     }
+    if prepared.num_eval:  # the evaluation after the last step (train.eval_every; README: Metrics)
+        summary["eval"] = {k: v for k, v in summary["final_metrics"].items() if k.startswith("eval/")}
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -25,6 +25,7 @@ from spo_ray.losses import (
     sequence_logps,
     shift_for_causal_lm,
     token_logps,
+    trl_metrics,
 )
 from spo_ray.training.layouts import (
     per_sequence,
@@ -110,6 +111,38 @@ def response_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     )
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Exact full-vocabulary entropy H(π(·|·)) in nats per row: [N, V] -> [N] (upcast in chunks, no grad)."""
+    with torch.no_grad():
+        parts = []
+        for chunk in logits.split(_CHUNK):
+            logp = (chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk).log_softmax(
+                -1
+            )
+            parts.append(-(logp.exp() * logp).sum(-1))
+        return torch.cat(parts) if parts else logits.new_zeros(0)
+
+
+def reference_response_logps(ctx: StepContext, batch: PreferenceBatch) -> torch.Tensor:
+    """[B, n] lp_ref of every response of the batch (no grad): the reference copy, or the adapter-free policy."""
+    model = ctx.reference if ctx.reference is not None else ctx.policy
+    tokens = response_tokens(model, batch)
+    with torch.no_grad():
+        if ctx.reference is not None:
+            logits = response_logits(model, tokens, ctx.autocast())
+        else:
+            with ctx.reference_mode():
+                logits = response_logits(model, tokens, ctx.autocast())
+        return per_sequence(response_token_logps(logits, tokens.labels), tokens).view(-1, batch.num_responses)
+
+
+def policy_response_logps(ctx: StepContext, batch: PreferenceBatch) -> torch.Tensor:
+    """[B, n] lp_θ of every response of the batch, in one policy forward (with grad when enabled)."""
+    tokens = response_tokens(ctx.policy, batch)
+    logits = response_logits(ctx.policy, tokens, ctx.autocast())
+    return per_sequence(response_token_logps(logits, tokens.labels), tokens).view(-1, batch.num_responses)
+
+
 def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerms:
     """One policy forward over every response of the batch (chosen and rejected together), plus the
     reference forward when the loss needs it; fills exactly the terms the registry entry asks for."""
@@ -186,7 +219,9 @@ def kl_regularizer_output(ctx: StepContext, samples: SampleBatch):
     )
     with torch.no_grad():
         sample_logps = sequence_logps(shifted.logits.detach(), shifted.labels, shifted.mask)
-    return kl, sample_logps
+        logits = shifted.logits.detach()  # one sequence's sampled positions copied at a time: [t_i, V]
+        entropy = torch.cat([token_entropy(row[mask]) for row, mask in zip(logits, shifted.mask)])
+    return kl, sample_logps, entropy
 
 
 def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch | None) -> StepOutput:
@@ -196,9 +231,11 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
     loss = pref_loss
     metrics = {"pref_loss": pref_loss.item()}
     metrics.update({k: v.item() for k, v in preference_metrics(terms).items()})
+    # TRL's names; rewards/* only where this step has reference log-probs (reference-based losses)
+    metrics.update({k: v.mean().item() for k, v in trl_metrics(terms, ctx.params.beta).items()})
     num_tokens = int(batch.response_lengths.sum() + batch.prompt_lengths.sum())
     if samples is not None and ctx.kl_coef > 0:
-        kl, sample_logps = kl_regularizer_output(ctx, samples)
+        kl, sample_logps, entropy = kl_regularizer_output(ctx, samples)
         loss = loss + ctx.kl_coef * kl.loss.mean()
         gap = kl.behavior_logp_gap
         metrics.update(
@@ -211,6 +248,8 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
             sample_entropy=(-sample_logps).mean().item(),  # Monte-Carlo entropy per sample, nats
             sample_tokens=float(samples.response_mask.sum().item()),
         )
+        metrics["kl/samples"] = metrics["kl_token"]  # Σ_t exact KL(π_θ ‖ π_ref)_t along a sample, nats
+        metrics["entropy/samples"] = entropy.mean().item() if entropy.numel() else 0.0  # nats per token
         num_tokens += int(samples.attention_mask.sum().item())
     metrics["loss"] = loss.item()
     return StepOutput(loss=loss, metrics=metrics, num_tokens=num_tokens)
