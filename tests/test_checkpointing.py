@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spo_ray.config import TrainConfig
+from spo_ray.config import LoggingConfig, TrainConfig
 from spo_ray.training.checkpointing import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -96,7 +96,7 @@ def test_prune_keeps_the_newest_complete_checkpoints_by_step(tiny_model_dir, tmp
 def test_a_torn_last_metrics_line_is_dropped_on_resume_instead_of_failing_it(tmp_path):
     rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 6, "lo')  # cut off mid-write
-    logging_cfg = type("Logging", (), {"log_every": 1, "progress": False, "wandb_mode": "disabled"})
+    logging_cfg = LoggingConfig(progress=False, wandb_mode="disabled")
     logger = MetricsLogger(str(tmp_path), logging_cfg, {}, total_steps=10, start_step=4)
     logger.log(5, {"loss": 0.5})
     logger.close()
