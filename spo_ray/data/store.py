@@ -66,7 +66,7 @@ class RowIndex:
     def global_rows(self, ids: np.ndarray) -> np.ndarray:
         """Global row numbers of example ids."""
         ids = np.asarray(ids, dtype=np.int64)
-        if self.selection:  # a mixture has no eval split (config.py refuses data.eval_fraction with one)
+        if self.selection:  # a mixture has no eval split (validation refuses data.eval_fraction then)
             return np.asarray(np.load(self.selection, mmap_mode="r")[ids], dtype=np.int64)
         if not self.split_eval:
             return ids

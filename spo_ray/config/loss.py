@@ -1,0 +1,48 @@
+"""`loss:`: the preference loss and the global KL regularizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from spo_ray.config.fields import option
+
+
+@dataclass
+class LossConfig:
+    name: str = option(
+        "spo",
+        "preference loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, cdpo, rdpo, simpo, tdpo, "
+        "tdpo1, sppo",
+    )
+    alpha: float = option(
+        1.0, "SPO softmax exponent; SPO converges to softmax(r/alpha) on compared responses", gt=0
+    )
+    beta: float = option(
+        0.1,
+        "DPO-family beta, as in TRL: the temperature of dpo, ipo, cdpo, rdpo and tdpo, and SimPO's reward scale",
+        gt=0,
+    )
+    kl_coef: float = option(
+        0.1,
+        "weight c_KL of the global KL regularizer on the model's own online samples (SPEC §2.2); > 0 starts a "
+        "rollout pool (vLLM engines) for those samples, 0 trains offline and starts no pool",
+        ge=0,
+    )
+    kl_estimator: Literal["token", "token_unbiased", "sequence"] = option(
+        "token", "estimator of the global KL gradient"
+    )
+    epsilon: float = option(0.0, "label-smoothing (cdpo) or flip rate (rdpo)", ge=0, lt=0.5)
+    gamma: float = option(0.5, "SimPO target margin", ge=0)
+    eta: float = option(1.0, "SPPO step size", gt=0)
+    tdpo_alpha: float = option(
+        0.5,
+        "tdpo (TDPO2): weight of the SeqKL gap, official default 0.5; loss.name=tdpo1 is TDPO1 (weight 1, "
+        "gradient through both responses)",
+        gt=0,
+    )
+    ipo_length_normalize: bool = option(
+        True,
+        "ipo: divide each response's log-ratio by its token count (TRL; the IPO authors' reading), so beta "
+        "sets a per-token margin 1/(2 beta); false: sequence sums, beta sets a whole-response margin",
+    )
