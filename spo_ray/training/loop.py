@@ -13,7 +13,6 @@ import ray.train.torch
 import torch
 
 from spo_ray.config import config_from_dict
-from spo_ray.data import collate_preference_batch
 from spo_ray.logs import configure_logging
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import (
@@ -23,6 +22,7 @@ from spo_ray.models.loading import (
     load_tokenizer,
 )
 from spo_ray.storage import local_copy
+from spo_ray.training.batches import batch_stream
 from spo_ray.training.checkpointing import (
     CheckpointStore,
     TrainState,
@@ -165,7 +165,15 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         if logger is not None and online is not None and cfg.logging.samples_every
         else None
     )
-    batches = _batch_stream(cfg, state, loop_config["pad_token_id"], rank, world)
+    batches = batch_stream(  # the rows after the checkpoint's position, fixed now (the loop never feeds back)
+        ray.train.get_dataset_shard(f"train_rank{rank}"),
+        resume_at=(state.epoch, state.consumed_in_epoch),
+        batch_size=cfg.train.batch_size,
+        pad_token_id=loop_config["pad_token_id"],
+        packing=cfg.data.packing,
+        rank=rank,
+        world=world,
+    )
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     stopped = None  # why the loop stopped before train.max_steps; rank 0's value reaches the driver
     policy.train()
@@ -278,35 +286,6 @@ def _on_any_rank(flag: bool, world_size: int, device) -> bool:
     packed = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
     return bool(packed.item())
-
-
-def _batch_stream(cfg, state: TrainState, pad_token_id: int, rank: int, world: int):
-    """(batch, epoch, consumed_in_epoch) from this rank's shard, resuming after the checkpoint's position.
-
-    Rank r holds the epoch positions start+r, start+r+W, ... (see `train_shards`); rows before
-    (state.epoch, state.consumed_in_epoch) were trained on already and are skipped, so a worker group
-    restarted from a checkpoint continues with the next unseen example.
-    """
-    shard = ray.train.get_dataset_shard(f"train_rank{rank}")
-    size = cfg.train.batch_size
-    pending: dict[str, np.ndarray] | None = None
-    for rows in shard.iter_batches(batch_size=size, batch_format="numpy"):
-        epochs, positions = rows["epoch"], rows["epoch_position"]
-        unseen = (epochs > state.epoch) | ((epochs == state.epoch) & (positions >= state.consumed_in_epoch))
-        rows = {key: value[unseen] for key, value in rows.items()}
-        pending = rows if pending is None else {k: np.concatenate([pending[k], rows[k]]) for k in rows}
-        while len(pending["example_id"]) >= size:
-            head = {k: v[:size] for k, v in pending.items()}
-            pending = {k: v[size:] for k, v in pending.items()}
-            consumed = int(head["epoch_position"][-1]) - rank + world  # global count after this batch
-            yield (
-                collate_preference_batch(head, pad_token_id, packing=cfg.data.packing),
-                int(head["epoch"][-1]),
-                consumed,
-            )
-    raise RuntimeError(
-        "the training stream ran out of rows before train.max_steps (driver computes num_epochs)"
-    )
 
 
 def _report_checkpoint(rank, policy, optimizer, scheduler, state, metrics) -> None:
