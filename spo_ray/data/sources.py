@@ -182,6 +182,18 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
     def add(**kw: Any) -> None:
         chunks.append(Chunk(index=first_index + len(chunks), role=role, **kw))
 
+    def add_lines(source: Source, start: int, stop: int, first_line: int, rows: int) -> None:
+        """A chunk of a JSONL file: bytes [start, stop), its first row on line `first_line`."""
+        add(
+            group=source.group,
+            kind="jsonl",
+            path=source.path,
+            start=start,
+            stop=stop,
+            first_row=first_line,
+            rows=rows,
+        )
+
     for source in sources:
         group = source.group
 
@@ -195,26 +207,10 @@ def plan_chunks(sources: list[Source], rows_per_chunk: int, role: str, first_ind
                         continue
                     rows += 1
                     if rows == rows_per_chunk:
-                        add(
-                            group=group,
-                            kind="jsonl",
-                            path=source.path,
-                            start=start,
-                            stop=offset,
-                            first_row=line,
-                            rows=rows,
-                        )
+                        add_lines(source, start, offset, line, rows)
                         start, line, rows = offset, number + 1, 0
-            if rows:
-                add(
-                    group=group,
-                    kind="jsonl",
-                    path=source.path,
-                    start=start,
-                    stop=offset,
-                    first_row=line,
-                    rows=rows,
-                )
+            if rows:  # the last, shorter chunk
+                add_lines(source, start, offset, line, rows)
         elif source.kind in ("json", "csv"):  # one task reads the whole file
             add(group=group, kind=source.kind, path=source.path, first_row=1 if source.kind == "csv" else 0)
         else:
