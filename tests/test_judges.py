@@ -308,5 +308,21 @@ def test_a_task_name_as_judge_picks_that_tasks_exact_judge_and_says_it_needs_the
     judge = build_judge(JudgeConfig(name="synthetic_expert"), task=task)
     verdict = judge.judge([JudgeRequest(task.prompt_messages()[1], task.candidates[1])])[0]
     assert verdict.scores == pytest.approx(task.rewards[1])
-    with pytest.raises(ConfigError, match=r"judge\.name.*set task\.name=synthetic_expert"):
+    with pytest.raises(ConfigError, match=r"judge\.name.*no task: set task\.name=synthetic_expert"):
         build_judge(JudgeConfig(name="synthetic_expert"))
+
+
+def test_the_default_judge_is_the_built_in_tasks_and_without_a_task_the_error_says_to_set_one():
+    from spo_ray.errors import ConfigError
+    from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
+
+    assert JudgeConfig().name == "task"
+    task = SyntheticExpertTask.build(seed=1, num_prompts=2, num_candidates=3)
+    verdict = build_judge(JudgeConfig(), task=task).judge(
+        [JudgeRequest(task.prompt_messages()[0], task.candidates[0])]
+    )
+    assert verdict[0].scores == pytest.approx(task.rewards[0])
+    with pytest.raises(
+        ConfigError, match=r"judge\.name.*no task: set task\.name \(e\.g\. synthetic_expert\)"
+    ):
+        build_judge(JudgeConfig())

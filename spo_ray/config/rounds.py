@@ -25,9 +25,10 @@ class TaskConfig:
 
 @dataclass
 class JudgeConfig:
-    name: Literal["synthetic_expert", "reward_model", "llm_judge", "python"] = option(
-        "synthetic_expert",
-        "preference oracle of iterative rounds: the task's expert, a reward model, an LLM judge, or a callable",
+    name: Literal["task", "synthetic_expert", "reward_model", "llm_judge", "python"] = option(
+        "task",
+        "preference oracle of iterative rounds: 'task' (the built-in task's exact judge; its name, e.g. "
+        "synthetic_expert, says the same), a reward model, an LLM judge, or a Python callable",
     )
     model_path: str = option(
         "",

@@ -295,7 +295,8 @@ def _example_kind(cfg: Config) -> str:
 def _extra_cpus(cfg: Config) -> float:
     """CPUs beyond the training run's own: the candidate pool when training runs offline, judge actors."""
     rollout = 0.0 if cfg.loss.kl_coef > 0 else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
-    judge = 0.0 if cfg.judge.name == cfg.task.name else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
+    exact = cfg.judge.name in ("task", cfg.task.name)  # a built-in task's judge runs in the driver
+    judge = 0.0 if exact else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
     return rollout + judge
 
 

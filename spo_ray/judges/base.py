@@ -4,7 +4,7 @@ Every judge (reward model, LLM judge, Python callable, a built-in task's exact j
 batched over prompts. A judge that cannot give a verdict (an unparseable LLM answer, an exception in
 a callable) leaves that entry `None` and counts the reason in `Judgement.failures`: a failure is never
 turned into a preference. `build_judge` maps `judge.name` to its class (imported lazily), or to the judge of
-the run's built-in task when `judge.name` names that task (`spo_ray.tasks`).
+the run's built-in task when `judge.name` is "task" or that task's name (`spo_ray.tasks`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ JUDGES: dict[str, str] = {
     "llm_judge": "spo_ray.judges.llm_judge:LLMJudge",
     "python": "spo_ray.judges.python_callable:PythonJudge",
 }
+
+# judge.name for "the run's built-in task's exact judge" (a task's own name says the same)
+TASK_JUDGE = "task"
 
 # a scoring call's outcome per request: (scores, None, None), or (None, failure reason, message)
 RequestResult = tuple["list[float] | None", "str | None", "str | None"]
@@ -165,16 +168,17 @@ def actor_options(cfg) -> dict[str, Any]:
 
 def build_judge(cfg, *, task: Any = None) -> Judge:
     """The judge named by `cfg.name` (a JudgeConfig); `task`: the run's built-in task, whose `judge()` is used
-    when `cfg.name` is the task's name."""
-    if task is not None and cfg.name == task.name:
+    when `cfg.name` is "task" or the task's name."""
+    if task is not None and cfg.name in (TASK_JUDGE, task.name):
         return task.judge()
     if cfg.name not in JUDGES:
         from spo_ray.errors import ConfigError
 
+        wanted = "task.name (e.g. synthetic_expert)" if cfg.name == TASK_JUDGE else f"task.name={cfg.name}"
         raise ConfigError(
             "judge.name",
-            f"'{cfg.name}' is not a judge on its own ({', '.join(JUDGES)} are); a built-in task's name picks "
-            f"that task's exact judge, so set task.name={cfg.name} too, or pick one of those judges",
+            f"'{cfg.name}' is a built-in task's exact judge, and this run has no task: set {wanted}, "
+            f"or pick a judge of its own ({', '.join(JUDGES)})",
         )
     module_name, class_name = JUDGES[cfg.name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)

@@ -6,7 +6,7 @@ A task is a module registered in `TASKS` under its `task.name`, with two functio
                                            config that trains on them and the task object
     run_job(cfg, callbacks) -> summary    train with the task's exact evaluation before and after
 
-and a task object with `name`, `judge()` (its exact judge, picked by `judge.name: <task name>`),
+and a task object with `name`, `judge()` (its exact judge, picked by `judge.name: task` or the task's name),
 `prompt_messages()` and `exact_metrics(model_dir, alpha)`. Generic code (training, data, eval, rollout)
 never imports this package: the API, the commands and the iterative rounds reach a task by its name here.
 """
