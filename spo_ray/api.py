@@ -149,6 +149,8 @@ def extrapolate(
 
 
 def _as_mapping(overrides: Overrides) -> dict:
+    if isinstance(overrides, str):  # one "a.b=v" string would otherwise be read character by character
+        raise ConfigError(overrides, "overrides must be a mapping or a list of section.key=value strings")
     if isinstance(overrides, Mapping):
         return dict(overrides)
     from spo_ray.config import parse_override

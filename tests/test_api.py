@@ -49,6 +49,8 @@ def test_config_from_yaml_dict_and_overrides_validates_and_names_the_key():
         cfg.with_overrides({"loss.alpha": -1})
     with pytest.raises(TypeError, match="config must be"):
         spo_ray.train(42)
+    with pytest.raises(ConfigError, match="a list of section.key=value strings"):
+        spo_ray.train(cfg, overrides="loss.alpha=0.5")  # a bare string, not a list of them
 
 
 def test_a_cluster_recipe_builds_on_a_laptop_and_train_refuses_its_missing_model_by_key(tmp_path):
