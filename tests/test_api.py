@@ -126,6 +126,10 @@ def test_callbacks_get_each_step_and_evaluation_once_in_order_after_the_resumed_
     watcher.poll()
     watcher.poll()
     assert recorder.calls[2:] == [("step", 5, 5.0), ("eval", 5, 0.5)]
+    # the logger's usual form: a step's evaluation merged into its own line; the step comes first
+    metrics.write_text(metrics.read_text() + json.dumps({"step": 6, "loss": 6.0, "eval/loss": 0.25}) + "\n")
+    watcher.poll()
+    assert recorder.calls[4:] == [("step", 6, 6.0), ("eval", 6, 0.25)]
 
 
 def test_a_raising_callback_stops_further_calls_and_is_raised_when_the_run_ends(tmp_path, capsys):

@@ -93,13 +93,13 @@ class RunWatcher:
             rows = []
         for row in rows:  # a restarted worker group rewrites steps after its checkpoint: each is sent once
             step = int(row.get("step", 0))
-            evals = {k: v for k, v in row.items() if k.startswith(EVAL_PREFIX)}
-            if evals and step > self.last_eval_step:
-                self.last_eval_step = step
-                self._call("on_eval", step, evals)
             if step > self.last_step and any(not k.startswith(EVAL_PREFIX) for k in row if k != "step"):
                 self.last_step = step
                 self._call("on_step", step, row)
+            evals = {k: v for k, v in row.items() if k.startswith(EVAL_PREFIX)}
+            if evals and step > self.last_eval_step:  # after the step's own metrics, as TRL orders them
+                self.last_eval_step = step
+                self._call("on_eval", step, evals)
         try:
             checkpoints = self.store.complete()  # (step, folder), oldest first
         except FileNotFoundError:  # a folder pruned while it was read: the next poll sees the rest
