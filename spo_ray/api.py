@@ -8,7 +8,6 @@ a local one sized for the run. The CLI and `jobs/` call these same functions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -189,10 +188,6 @@ def _with_datasets(cfg: Config, train_dataset: Any, eval_dataset: Any) -> Config
 def _prompts_file(prompts: Sequence[Any] | str | os.PathLike, cfg: Config) -> str:
     if isinstance(prompts, (str, os.PathLike)):
         return os.fspath(prompts)
-    folder = _scratch(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "prompts.jsonl"
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
-    os.replace(partial, path)
-    return str(path)
+    from spo_ray.data.in_memory import dataset_files
+
+    return dataset_files([{"prompt": prompt} for prompt in prompts], _scratch(cfg), "prompts")[0]

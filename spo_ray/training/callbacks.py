@@ -16,9 +16,7 @@ from typing import Any
 
 from spo_ray import storage
 from spo_ray.training.checkpointing import CheckpointStore
-from spo_ray.training.metrics import read_metrics
-
-EVAL_PREFIX = "eval/"
+from spo_ray.training.metrics import EVAL_PREFIX, read_metrics
 
 
 class Callback:

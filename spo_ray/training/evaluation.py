@@ -23,6 +23,7 @@ import torch
 
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import PreferenceTerms, trl_metrics
+from spo_ray.training.metrics import EVAL_PREFIX
 from spo_ray.training.step import (
     StepContext,
     policy_response_logps,
@@ -30,7 +31,6 @@ from spo_ray.training.step import (
     reference_response_logps,
 )
 
-EVAL_PREFIX = "eval/"
 _COLUMNS = ("example_id", "prompt_ids", "response_ids", "ranking")
 
 

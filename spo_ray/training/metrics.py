@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from spo_ray import storage
 
+EVAL_PREFIX = "eval/"  # evaluation metrics (training/evaluation.py) carry it in metrics.jsonl
 PROGRESS_KEYS = ("loss", "kl_k1", "accuracy", "pairs_per_s")
 PROGRESS_EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies")  # shown from the latest evaluation on
 SAMPLE_COLUMNS = ("step", "policy_version", "prompt", "completion", "finish_reason")
@@ -72,7 +73,7 @@ class MetricsLogger:
             self.progress.update(step - self.progress.n)
             shown = {k: metrics[k] for k in PROGRESS_KEYS if k in metrics} | self.last_eval
             self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
-        has_eval = any(k.startswith("eval/") for k in metrics)
+        has_eval = any(k.startswith(EVAL_PREFIX) for k in metrics)
         if step % self.log_every and not has_eval:
             return
         self.write_error = self.write_error or self.file.append(json.dumps({"step": step, **metrics}))

@@ -36,7 +36,7 @@ from spo_ray.training.callbacks import Callback, RunWatcher
 from spo_ray.training.checkpointing import CheckpointStore, read_state
 from spo_ray.training.export import export_final_model
 from spo_ray.training.loop import train_loop_per_worker
-from spo_ray.training.metrics import read_metrics
+from spo_ray.training.metrics import EVAL_PREFIX, read_metrics
 from spo_ray.training.reference import add_reference_logps
 from spo_ray.training.resources import FirstStepWatch, check_cluster_resources
 
@@ -270,7 +270,7 @@ def run_training(
         "checkpoint": str(final_dir),
     }
     if prepared.num_eval:  # the evaluation after the last step (train.eval_every; README: Metrics)
-        summary["eval"] = {k: v for k, v in summary["final_metrics"].items() if k.startswith("eval/")}
+        summary["eval"] = {k: v for k, v in summary["final_metrics"].items() if k.startswith(EVAL_PREFIX)}
     summary.update(task_info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -123,17 +123,25 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
         return torch.cat(parts) if parts else logits.new_zeros(0)
 
 
+def _reference_response_logits(ctx: StepContext, batch: PreferenceBatch, tokens) -> torch.Tensor:
+    """[N, V] reference logits at the response positions of `tokens` (the policy's layout), without grad:
+    the reference copy (in its own layout when its attention differs), or the adapter-free policy."""
+    with torch.no_grad():
+        if ctx.reference is None:
+            with ctx.reference_mode():
+                return response_logits(ctx.policy, tokens, ctx.autocast())
+        same_layout = shared_prompt_attention(ctx.reference, batch) == shared_prompt_attention(
+            ctx.policy, batch
+        )
+        ref_tokens = tokens if same_layout else response_tokens(ctx.reference, batch)
+        return response_logits(ctx.reference, ref_tokens, ctx.autocast())
+
+
 def reference_response_logps(ctx: StepContext, batch: PreferenceBatch) -> torch.Tensor:
     """[B, n] lp_ref of every response of the batch (no grad): the reference copy, or the adapter-free policy."""
-    model = ctx.reference if ctx.reference is not None else ctx.policy
-    tokens = response_tokens(model, batch)
-    with torch.no_grad():
-        if ctx.reference is not None:
-            logits = response_logits(model, tokens, ctx.autocast())
-        else:
-            with ctx.reference_mode():
-                logits = response_logits(model, tokens, ctx.autocast())
-        return per_sequence(response_token_logps(logits, tokens.labels), tokens).view(-1, batch.num_responses)
+    tokens = response_tokens(ctx.policy, batch)
+    logits = _reference_response_logits(ctx, batch, tokens)
+    return per_sequence(response_token_logps(logits, tokens.labels), tokens).view(-1, batch.num_responses)
 
 
 def policy_response_logps(ctx: StepContext, batch: PreferenceBatch) -> torch.Tensor:
@@ -172,16 +180,7 @@ def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerm
     if ctx.spec.needs_reference and precomputed is not None and not ctx.spec.needs_token_logits:
         terms["ref_logps"] = precomputed.to(device=policy_logps.device, dtype=policy_logps.dtype)
     elif ctx.spec.needs_reference:
-        with torch.no_grad():
-            if ctx.reference is not None:
-                same_layout = shared_prompt_attention(ctx.reference, batch) == shared_prompt_attention(
-                    ctx.policy, batch
-                )
-                ref_tokens = tokens if same_layout else response_tokens(ctx.reference, batch)
-                ref_logits = response_logits(ctx.reference, ref_tokens, ctx.autocast())
-            else:
-                with ctx.reference_mode():
-                    ref_logits = response_logits(ctx.policy, tokens, ctx.autocast())
+        ref_logits = _reference_response_logits(ctx, batch, tokens)
         terms["ref_logps"] = per_sequence(response_token_logps(ref_logits, tokens.labels), tokens).view(-1, n)
         if ctx.spec.needs_token_logits:
             # SeqKL = Σ_t KL(π_ref ‖ π_θ)_t over response positions (note the direction)
