@@ -36,7 +36,9 @@ from common import OUT, conversational_pairs, median, smollm2_dir, spread, tiny_
 
 from spo_ray.data import collate_preference_batch  # noqa: E402
 from spo_ray.losses import LossParams, get_loss  # noqa: E402
-from spo_ray.training.step import StepContext, compute_step  # noqa: E402
+from spo_ray.training.context import StepContext  # noqa: E402
+from spo_ray.training.step import compute_step  # noqa: E402
+from spo_ray.training.terms import needs_reference  # noqa: E402
 
 BETA = 0.1  # the DPO β (TRL `beta`, spo_ray `loss.beta`)
 LORA = {
@@ -201,7 +203,7 @@ class SpoRaySetup:
         torch.manual_seed(0)
         self.policy, self.reference, reference_mode = load_policy_and_reference(model_cfg, str(model_dir))
         spec = get_loss(loss)
-        if not spec.needs_reference:
+        if not needs_reference(spec):
             self.reference = None  # the worker loads it for the KL term; an offline SPO step never runs it
         self.policy.train()
         train_cfg = SimpleNamespace(

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spo_ray.data import collate_preference_batch, response_logps
 from spo_ray.losses import LossParams, get_loss
-from spo_ray.training import layouts, step
-from spo_ray.training.step import StepContext, compute_step
+from spo_ray.training import layouts, terms
+from spo_ray.training.context import StepContext, response_token_logps
+from spo_ray.training.step import compute_step
 
 PROMPTS = ["Why does the river move?", "Tell me", "Name a color."]
 RESPONSES = [
@@ -70,7 +71,7 @@ def test_shared_prompt_layout_gives_the_padded_forwards_log_probs(models, packin
         for tokens in (layouts.response_tokens(policy, batch), layouts.batch_layout(batch)):
             logits = layouts.response_logits(policy, tokens)
             assert logits.shape == (int(batch.response_lengths.sum()), policy.config.vocab_size)
-            got = layouts.per_sequence(step.response_token_logps(logits, tokens.labels), tokens)
+            got = layouts.per_sequence(response_token_logps(logits, tokens.labels), tokens)
             torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
@@ -108,7 +109,7 @@ def test_every_offline_loss_and_its_gradient_match_the_padded_layout(models, nam
         return out.loss.item(), torch.cat([p.grad.flatten() for p in policy.parameters()])
 
     shared_loss, shared_grad = loss_and_grad()
-    monkeypatch.setattr(step, "response_tokens", lambda model, b: layouts.batch_layout(b))
+    monkeypatch.setattr(terms, "response_tokens", lambda model, b: layouts.batch_layout(b))
     padded_loss, padded_grad = loss_and_grad()
     # Llama's RMSNorm computes in float32 even for float64 weights, so gradients agree to float32 precision
     assert shared_loss == pytest.approx(padded_loss, rel=1e-7)
@@ -141,7 +142,7 @@ def test_a_sliding_window_shorter_than_the_sequences_falls_back_to_the_exact_pad
 
     def logps(tokens):
         logits = layouts.response_logits(model, tokens)
-        return layouts.per_sequence(step.response_token_logps(logits, tokens.labels), tokens)
+        return layouts.per_sequence(response_token_logps(logits, tokens.labels), tokens)
 
     with torch.no_grad():
         expected = response_logps(model(**batch.model_inputs()).logits, batch)  # Mistral's own window mask
@@ -161,6 +162,6 @@ def test_a_sliding_window_wider_than_every_sequence_keeps_the_shared_prompt_layo
         expected = response_logps(model(**batch.model_inputs()).logits, batch)
         tokens = layouts.response_tokens(model, batch)
         got = layouts.per_sequence(
-            step.response_token_logps(layouts.response_logits(model, tokens), tokens.labels), tokens
+            response_token_logps(layouts.response_logits(model, tokens), tokens.labels), tokens
         )
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -24,6 +24,7 @@ from spo_ray.losses import (
     sppo_loss,
     tdpo_loss,
 )
+from spo_ray.training.terms import TERMS, needs_reference, precomputable, scored_at_start
 
 B = 5
 PARAMS = LossParams(alpha=0.7, beta=0.2, epsilon=0.1, gamma=0.3, eta=2.0, tdpo_alpha=0.4)
@@ -112,12 +113,21 @@ def test_every_required_term_is_a_preference_terms_field():
         assert set(spec.required_terms) <= term_names, spec.name
 
 
+def test_every_preference_term_has_one_builder():
+    # the one mechanism that builds a loss's terms (training/terms.py) covers every field a loss may name
+    assert set(TERMS) == {field.name for field in dataclasses.fields(PreferenceTerms)} - {"policy_logps"}
+
+
 def test_loss_specs_say_what_the_trainer_must_compute():
-    assert not get_loss("spo").needs_reference
-    assert not get_loss("simpo").needs_reference
-    assert get_loss("dpo").needs_reference and not get_loss("dpo").needs_token_logits
-    assert get_loss("tdpo").needs_reference and get_loss("tdpo").needs_token_logits
+    assert not needs_reference(get_loss("spo"))
+    assert not needs_reference(get_loss("simpo"))
+    assert needs_reference(get_loss("dpo")) and precomputable(get_loss("dpo"))
+    assert not needs_reference(get_loss("dpo"), precomputed=True)
+    # TDPO's SeqKL reads per-token reference logits: scoring ref_logps before training cannot replace them
+    assert needs_reference(get_loss("tdpo")) and not precomputable(get_loss("tdpo"))
+    assert needs_reference(get_loss("tdpo"), precomputed=True)
     assert get_loss("sppo").required_terms == ("prev_logps", "win_prob")
+    assert scored_at_start(get_loss("sppo")) == ["prev_logps"] and scored_at_start(get_loss("dpo")) == []
     assert {spec.kind for spec in LOSSES.values()} == {"pairwise", "best_of_n", "ranked", "sppo"}
 
 

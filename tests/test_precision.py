@@ -11,8 +11,11 @@ from spo_ray.config import LoraConfig, ModelConfig, TrainConfig
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss, kl_per_position
 from spo_ray.models.loading import load_policy_and_reference
+from spo_ray.training.context import StepContext
 from spo_ray.training.optim import build_optimizer
-from spo_ray.training.step import SampleBatch, StepContext, compute_step, preference_terms
+from spo_ray.training.samples import SampleBatch
+from spo_ray.training.step import compute_step
+from spo_ray.training.terms import preference_terms
 
 
 def _rows(tokenizer, responses_per_prompt: list[list[str]]) -> dict:

@@ -11,8 +11,10 @@ from spo_ray.config import DataConfig, ModelConfig, TrainConfig
 from spo_ray.data import collate_preference_batch, prepare_preference_data
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import load_policy_and_reference
+from spo_ray.training.context import StepContext
 from spo_ray.training.optim import build_optimizer
-from spo_ray.training.step import StepContext, compute_step, preference_terms
+from spo_ray.training.step import compute_step
+from spo_ray.training.terms import needs_reference, preference_terms
 
 PAIRS = [
     (f"Say something kind to friend {i}.", f"Hello friend {i}, good day!", f"Bye {i}.") for i in range(16)
@@ -44,7 +46,7 @@ def _context(policy, loss: str, reference=None) -> StepContext:
 
 def _train(model_dir: str, batches: list, loss: str, steps: int = 12) -> torch.nn.Module:
     torch.manual_seed(0)
-    need_reference = get_loss(loss).needs_reference
+    need_reference = needs_reference(get_loss(loss))
     policy, reference, _ = load_policy_and_reference(ModelConfig(), model_dir, need_reference=need_reference)
     optimizer, scheduler = build_optimizer(policy, TrainConfig(lr=2e-3, warmup_steps=0, max_steps=steps))
     ctx = _context(policy, loss, reference)

@@ -13,7 +13,8 @@ from test_train_step import PROMPTS, RESPONSES, brute_force_logp, context, make_
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import PreferenceTerms, trl_metrics
 from spo_ray.training.evaluation import Evaluator, eval_due
-from spo_ray.training.step import SampleBatch, compute_step
+from spo_ray.training.samples import SampleBatch
+from spo_ray.training.step import compute_step
 
 
 def test_trl_metrics_are_dpo_trainers_formulas_on_hand_computed_values():

@@ -11,10 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spo_ray.data import collate_preference_batch
-from spo_ray.losses import LossParams, get_loss
+from spo_ray.data import collate_preference_batch, response_logps
+from spo_ray.losses import LossParams, LossSpec, get_loss
+from spo_ray.training.context import StepContext
 from spo_ray.training.optim import lr_factor
-from spo_ray.training.step import SampleBatch, StepContext, compute_step
+from spo_ray.training.samples import SampleBatch
+from spo_ray.training.step import compute_step
+from spo_ray.training.terms import needs_reference
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +154,30 @@ def test_every_registry_loss_with_offline_terms_runs_and_backpropagates(models):
         out.loss.backward()
         grads = [p.grad for p in policy.parameters() if p.grad is not None]
         assert torch.isfinite(out.loss) and grads and all(torch.isfinite(g).all() for g in grads), name
+
+
+def test_a_loss_outside_the_registry_needs_only_its_spec_to_train(models):
+    # a length-normalized DPO written here: its spec names the terms it reads, and the step builds exactly
+    # those (one policy forward, one reference forward) without a line changed in terms, step or collate
+    policy, reference, tokenizer = models
+    batch = collate_preference_batch(make_rows(tokenizer, PROMPTS, RESPONSES), tokenizer.pad_token_id)
+
+    def per_token_dpo(terms, params):
+        ratio = (terms.policy_logps - terms.ref_logps) / terms.lengths
+        return -torch.nn.functional.logsigmoid(params.beta * (ratio[:, 0] - ratio[:, 1]))
+
+    spec = LossSpec("per_token_dpo", per_token_dpo, "pairwise", ("ref_logps", "lengths"), per_token_dpo)
+    assert needs_reference(spec)
+    ctx = StepContext(policy, reference, None, spec, LossParams(beta=0.5), 0.0, "token", 0.0)
+    out = compute_step(ctx, batch, None)
+    out.loss.backward()
+    lp = response_logps(policy(**batch.model_inputs()).logits, batch).view(-1, 2).detach()
+    with torch.no_grad():
+        lp_ref = response_logps(reference(**batch.model_inputs()).logits, batch).view(-1, 2)
+    ratio = (lp - lp_ref) / batch.response_lengths.view(-1, 2)
+    expected = -torch.nn.functional.logsigmoid(0.5 * (ratio[:, 0] - ratio[:, 1])).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

@@ -1,7 +1,8 @@
 """The loss registry: a name maps to a `LossSpec` whose `compute(terms, params)` has one signature for all.
 
-The trainer reads `spec.required_terms` to know what to compute (reference logps, lengths, SeqKL, ...),
-fills a `PreferenceTerms`, and calls `spec.compute(terms, params)`; it never branches on the loss name.
+A loss names the `PreferenceTerms` fields it reads (`required_terms`); the trainer builds exactly those, one
+builder per field (`spo_ray/training/terms.py`), and calls `spec.compute(terms, params)`; it never branches on
+the loss name.
 """
 
 from __future__ import annotations
@@ -74,16 +75,6 @@ class LossSpec:
     kind: LossKind
     required_terms: tuple[str, ...]  # PreferenceTerms fields besides policy_logps
     adapter: Callable[[PreferenceTerms, LossParams], torch.Tensor]
-
-    @property
-    def needs_reference(self) -> bool:
-        """True if the reference model must be run (for ref_logps or SeqKL)."""
-        return "ref_logps" in self.required_terms or "seq_kl" in self.required_terms
-
-    @property
-    def needs_token_logits(self) -> bool:
-        """True if per-token logits of policy and reference are needed (for `sequence_kl_ref_to_policy`)."""
-        return "seq_kl" in self.required_terms
 
     def compute(self, terms: PreferenceTerms, params: LossParams) -> torch.Tensor:
         """Unreduced per-prompt loss [B]; checks that the required terms are present and shaped [B, n]."""

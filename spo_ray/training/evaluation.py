@@ -23,9 +23,10 @@ import torch
 
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import PreferenceTerms, trl_metrics
+from spo_ray.training.context import StepContext
 from spo_ray.training.metrics import EVAL_PREFIX
-from spo_ray.training.step import (
-    StepContext,
+from spo_ray.training.terms import (
+    carries_columns,
     policy_response_logps,
     preference_terms,
     reference_response_logps,
@@ -84,14 +85,15 @@ class Evaluator:
         return [reference_response_logps(ctx, self._batch(take)) for take, _ in self.batches]
 
     def _row_metrics(self, batch) -> dict[str, torch.Tensor]:
-        """Per-row [b] values: the preference loss (not for sppo, whose rows need a judge) and TRL's metrics."""
+        """Per-row [b] values: the preference loss (unless it reads columns held-out rows lack, e.g. SPPO's
+        judged win_prob) and TRL's metrics."""
         ctx = self.ctx
-        if ctx.spec.kind == "sppo":
-            terms = PreferenceTerms(policy_logps=policy_response_logps(ctx, batch), ranking=batch.ranking)
-            values = {}
-        else:
+        if carries_columns(ctx.spec, batch):
             terms = preference_terms(ctx, batch)  # reads batch.ref_logps instead of a reference forward
             values = {"loss": ctx.spec.compute(terms, ctx.params)}
+        else:
+            terms = PreferenceTerms(policy_logps=policy_response_logps(ctx, batch), ranking=batch.ranking)
+            values = {}
         terms = dataclasses.replace(terms, ref_logps=batch.ref_logps)
         values.update(trl_metrics(terms, ctx.params.beta))
         return values

@@ -33,12 +33,13 @@ from spo_ray.logs import configure_logging, ray_logging_config
 from spo_ray.losses import get_loss
 from spo_ray.models.loading import load_tokenizer, resolve_model_dir
 from spo_ray.training.callbacks import Callback, RunWatcher
-from spo_ray.training.checkpointing import CheckpointStore, read_state
+from spo_ray.training.checkpointing import CheckpointStore, TrainState, read_state
 from spo_ray.training.export import export_final_model
 from spo_ray.training.loop import train_loop_per_worker
 from spo_ray.training.metrics import EVAL_PREFIX, read_metrics
 from spo_ray.training.reference import add_reference_logps
 from spo_ray.training.resources import FirstStepWatch, check_cluster_resources
+from spo_ray.training.terms import needs_reference, precomputable, scored_at_start
 
 RUN_NAME = "ray_train"
 
@@ -127,111 +128,32 @@ def run_training(
 
     model_dir = resolve_model_dir(cfg.model, work)
     reference_dir = cfg.model.reference_path or model_dir
-    tokenizer = load_tokenizer(model_dir)
-    prepared = prepare_preference_data(cfg.data, model_dir, str(work))
-    for note in prepared.notes():  # what was cut, skipped or not read: nothing is dropped without a word
-        print(note, flush=True)
-    spec = get_loss(cfg.loss.name)
-    precomputed = cfg.train.precompute_ref_logps and spec.needs_reference
-    if precomputed:
-        if spec.needs_token_logits:
-            raise ConfigError(
-                "train.precompute_ref_logps", f"loss {cfg.loss.name} needs reference logits every step"
-            )
-        prepared = add_reference_logps(
-            prepared, reference_dir, cfg.model.dtype, work / "reference_logps", **scoring_actors(cfg)
-        )
-    if "prev_logps" in spec.required_terms:  # SPPO: lp_t(y) under this round's start policy π_t
-        prepared = add_reference_logps(
-            prepared,
-            model_dir,
-            cfg.model.dtype,
-            work / "prev_logps",
-            column="prev_logps",
-            **scoring_actors(cfg),
-        )
-
+    prepared, precomputed = prepare_training_data(cfg, model_dir, reference_dir, work)
     store = CheckpointStore(out / "checkpoints")
-    kept = store.prune(cfg.train.keep_checkpoints)  # folders a killed run left half-written go first
-    store.remove_finished_runs()
-    latest = kept[-1][1] if kept else None
-    position = read_state(latest) if latest else None
-    if latest:
-        print(f"resuming from {latest} (step {position.step})", flush=True)
-    start = {
-        "epoch": position.epoch if position else 0,
-        "consumed": position.consumed_in_epoch if position else 0,
-    }
-    world = cfg.train.num_workers
-    shards = train_shards(
-        prepared,
-        world_size=world,
-        seed=cfg.data.shuffle_seed,
-        epoch=start["epoch"],
-        start=start["consumed"],
-        num_epochs=epochs_needed(
-            cfg, prepared.num_train, start["consumed"], position.step if position else 0
-        ),
-    )
-
-    eval_rows = None
-    if prepared.eval_rows is not None and prepared.num_eval:  # read once; the workers split them by rank
-        eval_rows = ray.put(prepared.eval_rows.read(np.arange(prepared.num_eval)))
-    elif cfg.train.eval_every:
-        print(
-            f"train.eval_every={cfg.train.eval_every}: there are no eval rows (set data.eval_files or "
-            "data.eval_fraction), so the run does not evaluate",
-            flush=True,
-        )
-    if cfg.logging.samples_every and cfg.loss.kl_coef == 0:
-        print(
-            "logging.samples_every: this run draws no online samples (loss.kl_coef=0 starts no rollout), "
-            "so no samples.jsonl is written",
-            flush=True,
-        )
-
-    pool, reg_prompts = None, None
-    if cfg.loss.kl_coef > 0:
-        from spo_ray.rollout import RolloutPool
-
-        # in the object store, not in train_loop_config (which Ray pickles into every worker's start)
-        reg_prompts = ray.put(PromptSet.from_lists(load_reg_prompts(cfg.data, model_dir)))
-        pool = rollout_pool or RolloutPool.from_config(model_dir, cfg.rollout)
+    latest, position = resume_point(store, cfg.train.keep_checkpoints)
+    pool = None
     try:
+        pool, reg_prompts = start_online(cfg, model_dir, rollout_pool)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "config": config_to_dict(cfg),
                 "model_dir": model_dir,
                 "reference_dir": reference_dir,
-                "pad_token_id": tokenizer.pad_token_id,
+                "pad_token_id": load_tokenizer(model_dir).pad_token_id,
                 "output_dir": _for_workers(out),
                 "rollout_pool": pool,
                 "reg_prompts_ref": reg_prompts,
-                "eval_rows": eval_rows,
-                "ref_logps_precomputed": bool(precomputed),
+                "eval_rows": eval_rows(cfg, prepared),
+                "ref_logps_precomputed": precomputed,
                 "checkpoint_root": _for_workers(store.root),
                 "resume_from": _for_workers(latest) if latest else None,
             },
-            scaling_config=ScalingConfig(
-                num_workers=world,
-                use_gpu=cfg.train.use_gpu,
-                resources_per_worker={"CPU": cfg.train.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                # a new Ray run per driver start: Ray's own record of an earlier one may name a checkpoint
-                # the store pruned (Ray refuses to start then); the store reads every run's folders
-                name=f"{RUN_NAME}_{time.strftime('%Y%m%d-%H%M%S')}",
-                **_ray_storage(store.root),
-                # CheckpointStore prunes (it also sees folders Ray never recorded); Ray keeps every one it did
-                checkpoint_config=CheckpointConfig(num_to_keep=None),
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                logging_config=ray_logging_config(cfg.logging.level),  # the controller's and workers' lines
-            ),
-            datasets=shards,
+            datasets=train_shards(prepared, **stream_position(cfg, prepared.num_train, position)),
             dataset_config=shard_data_config(),
+            **trainer_configs(cfg, store.root),
         )
-        with RunWatcher(out, store, callbacks, after_step=position.step if position else 0) as watcher:
+        with RunWatcher(out, store, callbacks, after_step=position.step) as watcher:
             result = trainer.fit()
     except Exception as exc:
         if is_disk_full(exc):  # one message instead of each retry's traceback
@@ -247,20 +169,126 @@ def run_training(
     stopped = result.return_value or {}  # rank 0's: the workers stopped together before a save
     if stopped.get("disk_full"):
         raise disk_full_error(work, store, stopped["disk_full"])
+    summary = finish(cfg, out, store, model_dir, prepared, resumed_from=position.step, started=started)
+    summary.update(task_info or {})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def prepare_training_data(cfg: Config, model_dir: str, reference_dir: str, work: Path):
+    """(prepared data, whether its rows carry precomputed reference log-probs): tokenized, with the columns
+    the loss reads scored once before training (`train.precompute_ref_logps`, SPPO's prev_logps)."""
+    prepared = prepare_preference_data(cfg.data, model_dir, str(work))
+    for note in prepared.notes():  # what was cut, skipped or not read: nothing is dropped without a word
+        print(note, flush=True)
+    spec = get_loss(cfg.loss.name)
+    precomputed = cfg.train.precompute_ref_logps and needs_reference(spec)
+    if precomputed:
+        if not precomputable(spec):
+            raise ConfigError(
+                "train.precompute_ref_logps", f"loss {cfg.loss.name} needs reference logits every step"
+            )
+        prepared = add_reference_logps(
+            prepared, reference_dir, cfg.model.dtype, work / "reference_logps", **scoring_actors(cfg)
+        )
+    for column in scored_at_start(spec):  # e.g. SPPO's prev_logps: lp_t(y) under this round's start policy
+        prepared = add_reference_logps(
+            prepared, model_dir, cfg.model.dtype, work / column, column=column, **scoring_actors(cfg)
+        )
+    return prepared, bool(precomputed)
+
+
+def resume_point(store: CheckpointStore, keep: int) -> tuple[storage.AnyPath | None, TrainState]:
+    """The newest complete checkpoint and its position (a fresh run: None and step 0), after the folders a
+    killed run left half-written are removed."""
+    kept = store.prune(keep)
+    store.remove_finished_runs()
+    latest = kept[-1][1] if kept else None
+    if latest is None:
+        return None, TrainState()
+    position = read_state(latest)
+    print(f"resuming from {latest} (step {position.step})", flush=True)
+    return latest, position
+
+
+def stream_position(cfg: Config, num_examples: int, position: TrainState) -> dict:
+    """`train_shards` arguments: the data stream starts at the checkpoint's position and covers the rest."""
+    return {
+        "world_size": cfg.train.num_workers,
+        "seed": cfg.data.shuffle_seed,
+        "epoch": position.epoch,
+        "start": position.consumed_in_epoch,
+        "num_epochs": epochs_needed(cfg, num_examples, position.consumed_in_epoch, position.step),
+    }
+
+
+def eval_rows(cfg: Config, prepared):
+    """The eval rows, read once into the object store (the workers split them by rank); None without any."""
+    if prepared.eval_rows is not None and prepared.num_eval:
+        return ray.put(prepared.eval_rows.read(np.arange(prepared.num_eval)))
+    if cfg.train.eval_every:
+        print(
+            f"train.eval_every={cfg.train.eval_every}: there are no eval rows (set data.eval_files or "
+            "data.eval_fraction), so the run does not evaluate",
+            flush=True,
+        )
+    return None
+
+
+def start_online(cfg: Config, model_dir: str, rollout_pool=None):
+    """(rollout pool, regularization prompts in the object store) for the global KL; (None, None) without it."""
+    if cfg.loss.kl_coef == 0:
+        if cfg.logging.samples_every:
+            print(
+                "logging.samples_every: this run draws no online samples (loss.kl_coef=0 starts no rollout), "
+                "so no samples.jsonl is written",
+                flush=True,
+            )
+        return None, None
+    from spo_ray.rollout import RolloutPool
+
+    # in the object store, not in train_loop_config (which Ray pickles into every worker's start)
+    reg_prompts = ray.put(PromptSet.from_lists(load_reg_prompts(cfg.data, model_dir)))
+    return rollout_pool or RolloutPool.from_config(model_dir, cfg.rollout), reg_prompts
+
+
+def trainer_configs(cfg: Config, checkpoint_root: storage.AnyPath) -> dict:
+    """TorchTrainer's scaling and run configs."""
+    return {
+        "scaling_config": ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        "run_config": RunConfig(
+            # a new Ray run per driver start: Ray's own record of an earlier one may name a checkpoint
+            # the store pruned (Ray refuses to start then); the store reads every run's folders
+            name=f"{RUN_NAME}_{time.strftime('%Y%m%d-%H%M%S')}",
+            **_ray_storage(checkpoint_root),
+            # CheckpointStore prunes (it also sees folders Ray never recorded); Ray keeps every one it did
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=ray_logging_config(cfg.logging.level),  # the controller's and workers' lines
+        ),
+    }
+
+
+def finish(
+    cfg: Config, out, store: CheckpointStore, model_dir: str, prepared, *, resumed_from: int, started: float
+) -> dict:
+    """Export the final model (and LoRA adapter) from the newest checkpoint; the run's summary (its wall
+    time counted from `started`, a `time.perf_counter()` value)."""
     final_dir = store.prune(cfg.train.keep_checkpoints)[-1][1]
     store.remove_finished_runs()
-    final_state = read_state(final_dir)
     adapter_out = out / "final_adapter" if cfg.model.lora.r > 0 and cfg.model.lora.save_adapter else None
     export_final_model(cfg.model, model_dir, final_dir, out / "final", adapter_out)
-
     metrics = read_metrics(out)
-    wall = time.perf_counter() - started
     pair_rates = [m["pairs_per_s"] for m in metrics if "pairs_per_s" in m]
     summary = {
-        "steps": final_state.step,
-        "resumed_from_step": position.step if position else 0,
+        "steps": read_state(final_dir).step,
+        "resumed_from_step": resumed_from,
         "final_metrics": metrics[-1] if metrics else {},
-        "wall_seconds": round(wall, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
         "pairs_per_second": round(sum(pair_rates) / len(pair_rates), 4) if pair_rates else 0.0,
         "bad_rows": prepared.bad_rows,
         "data": prepared.summary(),
@@ -271,8 +299,6 @@ def run_training(
     }
     if prepared.num_eval:  # the evaluation after the last step (train.eval_every; README: Metrics)
         summary["eval"] = {k: v for k, v in summary["final_metrics"].items() if k.startswith(EVAL_PREFIX)}
-    summary.update(task_info or {})
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
