@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "spo_ray"
 
 
@@ -40,15 +42,25 @@ def test_training_never_imports_evaluation_judges_or_the_layers_above_it():
     assert offenders("training", above) == {}
 
 
+def test_the_losses_are_pure_math_that_import_no_other_spo_ray_layer():
+    outside = {
+        path: [name for name in names if not name.startswith("spo_ray.losses")]
+        for path, names in offenders("losses", ("spo_ray.",)).items()
+    }
+    assert {path: names for path, names in outside.items() if names} == {}
+
+
 def test_lower_layers_never_import_the_api_or_the_commands():
     for folder in ("losses", "data", "models", "rollout", "judges", "eval", "tasks"):
         assert offenders(folder, ("spo_ray.api", "spo_ray.commands", "spo_ray.cli")) == {}, folder
 
 
-def test_the_data_package_has_no_import_cycle():
-    modules = {p.stem: p for p in (PACKAGE / "data").glob("*.py") if p.stem != "__init__"}
+@pytest.mark.parametrize("package", ["data", "training", "losses", "rollout", "config"])
+def test_a_package_has_no_import_cycle(package):
+    modules = {p.stem: p for p in (PACKAGE / package).glob("*.py") if p.stem != "__init__"}
     edges = {
-        name: {n.split(".")[2] for n in imports_of(path) if n.startswith("spo_ray.data.")} & modules.keys()
+        name: {n.split(".")[2] for n in imports_of(path) if n.startswith(f"spo_ray.{package}.")}
+        & modules.keys()
         for name, path in modules.items()
     }
 
