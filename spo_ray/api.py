@@ -134,7 +134,7 @@ def generate(
     from spo_ray.rollout.batch import generate_rows
 
     if isinstance(prompts, (str, os.PathLike)):
-        prompts = read_prompts(prompts)
+        prompts = read_prompts(prompts, "prompts", token_ids=True, keep_text=True)
     return generate_rows(model, list(prompts), **settings)
 
 

@@ -52,7 +52,7 @@ def run_iterate(cfg: Config) -> dict:
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, reference_path=cfg.model.reference_path or start_dir)
     )
-    prompts = _prompt_set(cfg, task)
+    prompts = prompt_set(cfg, task)
     records = _completed_rounds(out)
     current = records[-1]["model"] if records else start_dir
     with contextlib.ExitStack() as stack:  # closes whatever was started, in reverse, on any error
@@ -300,18 +300,20 @@ def _extra_cpus(cfg: Config) -> float:
     return rollout + judge
 
 
-def _prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
+def prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
     """The rounds' prompts: iterate.prompts_file, else the task's prompts, else data.reg_prompts_file."""
-    from spo_ray.data import read_prompt_file
+    from spo_ray.data import read_prompts
 
     if cfg.iterate.prompts_file:
-        return read_prompt_file(cfg.iterate.prompts_file, "iterate.prompts_file")
+        return read_prompts(cfg.iterate.prompts_file, "iterate.prompts_file", dedupe=True)
     if task is not None:
         return task.prompt_messages()
-    if cfg.data.reg_prompts_file:
-        return read_prompt_file(cfg.data.reg_prompts_file, "data.reg_prompts_file")
+    if cfg.data.reg_prompts_file:  # the regularizer's prompts, read as load_reg_prompts reads them
+        skip = cfg.data.on_bad_rows == "skip"
+        return read_prompts(cfg.data.reg_prompts_file, "data.reg_prompts_file", dedupe=True, skip_bad=skip)
     raise ConfigError(
-        "iterate.prompts_file", "iterative rounds need prompts: give a JSONL file with one 'prompt' per line"
+        "iterate.prompts_file",
+        "the rounds need prompts: give a text file (one prompt per line) or JSONL with a 'prompt' per line",
     )
 
 
