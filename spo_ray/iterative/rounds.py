@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spo_ray.config import Config, TaskConfig, config_to_dict
@@ -34,8 +34,10 @@ from spo_ray.storage import local_output
 from spo_ray.tasks import prepare_task
 
 
-def run_iterate(cfg: Config) -> dict:
-    """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`."""
+def run_iterate(cfg: Config, callbacks: Sequence = ()) -> dict:
+    """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`.
+
+    `callbacks`: `spo_ray.Callback`s given to each round's training run (their `round` set to the round)."""
     from spo_ray.models.loading import resolve_model_dir
     from spo_ray.rollout import RolloutPool
     from spo_ray.training.metrics import MetricsLogger
@@ -64,7 +66,7 @@ def run_iterate(cfg: Config) -> dict:
             str(out), cfg.logging, config_to_dict(cfg), cfg.iterate.rounds, max(0, len(records) - 1), "rounds"
         )
         stack.callback(logger.close)
-        context = _Round(cfg, task, prompts, pool, judge)
+        context = _Round(cfg, task, prompts, pool, judge, callbacks)
         if not records:  # round 0: the starting policy
             records.append(context.evaluate(0, current, previous=None, reference=None))
             _write_json(out / "rounds" / "round_0" / "round.json", records[0])
@@ -88,12 +90,13 @@ def run_iterate(cfg: Config) -> dict:
 
 class _Round:
     """What every round needs: config (model.reference_path = the starting policy), task, prompt set,
-    rollout pool and judge."""
+    rollout pool, judge and the user's training callbacks."""
 
-    def __init__(self, cfg: Config, task, prompts, pool, judge):
+    def __init__(self, cfg: Config, task, prompts, pool, judge, callbacks: Sequence = ()):
         from spo_ray.data import Templater
 
         self.cfg, self.task, self.prompts, self.pool, self.judge = cfg, task, prompts, pool, judge
+        self.callbacks = list(callbacks)
         tokenizer_dir = cfg.model.reference_path
         self.templater = Templater.from_path(tokenizer_dir, cfg.data.max_length, cfg.data.max_prompt_length)
         self.rounds_dir = local_output(cfg.output.dir, "spo-ray iterate") / "rounds"
@@ -224,7 +227,10 @@ class _Round:
             task=TaskConfig(),
             output=dataclasses.replace(cfg.output, dir=str(train_dir)),
         )
-        return run_training(round_cfg, rollout_pool=self.pool if cfg.loss.kl_coef > 0 else None)
+        for callback in self.callbacks:
+            callback.round = number  # the round whose steps (counted from 1) the callback is about to see
+        pool = self.pool if cfg.loss.kl_coef > 0 else None
+        return run_training(round_cfg, rollout_pool=pool, callbacks=self.callbacks)
 
     # -- metrics ------------------------------------------------------------------------------------
     def evaluate(self, number: int, model_dir: str, previous: dict | None, reference: dict | None) -> dict:
