@@ -102,20 +102,24 @@ def iterate(
     config: ConfigLike = None,
     *,
     prompts: Sequence[Any] | str | os.PathLike | None = None,
+    callbacks: Sequence[Callback] = (),
     overrides: Overrides = (),
     output_dir: str | os.PathLike | None = None,
 ) -> IterateResult:
     """Iterative online rounds (generate, judge, train, sync); re-running with the same output dir resumes.
 
-    `prompts`: the rounds' prompts (texts or chat message lists), or a JSONL path; they replace
-    `iterate.prompts_file`.
+    `prompts`: the rounds' prompts (texts or chat message lists), or a prompts file (text, one per line, or
+    JSONL); they replace `iterate.prompts_file`. `callbacks`: `spo_ray.Callback`s called in this process on
+    each step, evaluation and checkpoint of every round's training; each round's steps count from 1 and the
+    callback's `round` attribute says which round it is (a resumed run calls them for the steps it runs);
+    a callback that raises stops the rounds with `CallbackError` once that round's training ends.
     """
     from spo_ray.iterative import run_iterate
 
     cfg = as_config(config, overrides, output_dir)
     if prompts is not None:
         cfg = cfg.with_overrides({"iterate.prompts_file": _prompts_file(prompts, cfg)})
-    summary = run_iterate(validate(cfg, check_files=True))
+    summary = run_iterate(validate(cfg, check_files=True), callbacks=callbacks)
     return IterateResult(
         summary=summary,
         rounds=summary["rounds"],
@@ -134,7 +138,7 @@ def generate(
     from spo_ray.rollout.batch import generate_rows
 
     if isinstance(prompts, (str, os.PathLike)):
-        prompts = read_prompts(prompts)
+        prompts = read_prompts(prompts, "prompts", token_ids=True, keep_text=True)
     return generate_rows(model, list(prompts), **settings)
 
 

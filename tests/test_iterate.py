@@ -20,6 +20,7 @@ import torch
 from spo_ray.config import load_config
 from spo_ray.iterative import run_iterate
 from spo_ray.tasks.synthetic_expert.task import SyntheticExpertTask
+from spo_ray.training.callbacks import Callback
 
 pytestmark = pytest.mark.slow
 
@@ -135,8 +136,22 @@ def _expert_win_rate(task, ours_path, theirs_path) -> float:
     return sum(probabilities) / len(probabilities)
 
 
+class _RoundRecorder(Callback):
+    """Records (round, step, what) for every step and checkpoint a callback is called for."""
+
+    def __init__(self):
+        self.steps, self.checkpoints = [], []
+
+    def on_step(self, step, metrics):
+        self.steps.append((self.round, step, metrics["pref_loss"]))
+
+    def on_checkpoint(self, step, path):
+        self.checkpoints.append((self.round, step, path))
+
+
 def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_path):
-    """Round 2 starts from round 1's merged model with a fresh adapter; its KL reference stays π_0."""
+    """Round 2 starts from round 1's merged model with a fresh adapter; its KL reference stays π_0.
+    The user's callbacks are called for every round's steps and checkpoints, knowing the round."""
     out = tmp_path / "lora"
     cfg = load_config(
         None,
@@ -154,8 +169,17 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
             f"output.dir={out}",
         ],
     )
-    summary = run_iterate(cfg)
+    recorder = _RoundRecorder()
+    summary = run_iterate(cfg, callbacks=[recorder])
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert recorder.steps == [
+        (n, row["step"], row["pref_loss"])
+        for n in (1, 2)
+        for row in _read_jsonl(out / "rounds" / f"round_{n}" / "train" / "metrics.jsonl")
+    ]
+    assert [(n, step) for n, step, _ in recorder.steps] == [(n, s) for n in (1, 2) for s in (1, 2, 3)]
+    assert [(n, step) for n, step, _ in recorder.checkpoints] == [(1, 3), (2, 3)]
+    assert all(f"round_{n}" in path for n, _, path in recorder.checkpoints)
     first_steps = {
         n: _read_jsonl(out / "rounds" / f"round_{n}" / "train" / "metrics.jsonl")[0] for n in (1, 2)
     }

@@ -76,5 +76,6 @@ class DataConfig:
     shuffle_seed: int = option(0, "seed of the deterministic per-epoch shuffle")
     packing: bool = option(False, "padding-free packing of sequences for the trainer")
     reg_prompts_file: str = option(
-        "", "prompts for the global KL regularizer (JSONL with 'prompt'); empty uses the preference prompts"
+        "",
+        "prompts for the global KL regularizer (text, one per line, or JSONL with 'prompt'); empty: the training prompts",
     )

@@ -51,7 +51,8 @@ class JudgeConfig:
 class IterateConfig:
     rounds: int = option(3, "iterative rounds: generate -> judge -> train -> sync", ge=1)
     prompts_file: str = option(
-        "", "prompts of the rounds (JSONL with 'prompt'); empty: the task's prompts or data.reg_prompts_file"
+        "",
+        "prompts of the rounds (text, one per line, or JSONL with 'prompt'); empty: the task's or data.reg_prompts_file",
     )
     prompts_per_round: int = option(8, "prompts sampled (without replacement) each round", ge=1)
     candidates_per_prompt: int = option(

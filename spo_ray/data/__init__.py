@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time names load on fi
     from spo_ray.data.permutation import permute
     from spo_ray.data.pipeline import prepare_preference_data
     from spo_ray.data.prepared import PreparedData
-    from spo_ray.data.prompts import PromptSet, load_reg_prompts, read_prompt_file
+    from spo_ray.data.prompts import PromptSet, load_reg_prompts, read_prompts
     from spo_ray.data.schema import REASONS, Example, RowProblem, detect_format, normalize_row
     from spo_ray.data.sharding import ShardPlan, shard_data_config, shard_plan, train_shards
     from spo_ray.data.templating import Templater
@@ -30,7 +30,7 @@ _EXPORTS = {
     "response_logps": "collate",
     "load_reg_prompts": "prompts",
     "PromptSet": "prompts",
-    "read_prompt_file": "prompts",
+    "read_prompts": "prompts",
     "normalize_row": "schema",
     "detect_format": "schema",
     "Example": "schema",
@@ -57,7 +57,7 @@ __all__ = [
     "normalize_row",
     "permute",
     "prepare_preference_data",
-    "read_prompt_file",
+    "read_prompts",
     "response_logps",
     "shard_data_config",
     "shard_plan",

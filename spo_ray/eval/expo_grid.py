@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from spo_ray.errors import ConfigError, UserError
+from spo_ray.errors import ConfigError
 
 # Columns of the console table per evaluation: (key in a grid row, header).
 EXACT_COLUMNS = (
@@ -55,29 +55,11 @@ class TaskEvaluator:
 
 
 def judge_prompts(cfg: Any, task: Any) -> list[list[dict[str, str]]]:
-    """The first `iterate.eval_prompts` prompts of iterate.prompts_file (or the task's, or
-    data.reg_prompts_file), as chat messages."""
-    from spo_ray.data.prompts import read_prompts
+    """The first `iterate.eval_prompts` prompts of the rounds' prompt set (iterate.prompts_file, or the task's,
+    or data.reg_prompts_file), as chat messages: the eval prompts of `spo-ray iterate`'s rounds."""
+    from spo_ray.iterative.rounds import prompt_set
 
-    if cfg.iterate.prompts_file:
-        prompts = read_prompts(cfg.iterate.prompts_file)
-    elif task is not None:
-        prompts = task.prompt_messages()
-    elif cfg.data.reg_prompts_file:
-        prompts = read_prompts(cfg.data.reg_prompts_file)
-    else:
-        raise ConfigError(
-            "iterate.prompts_file", 'the judge needs prompts: set it to a JSONL file of {"prompt": ...} rows'
-        )
-    messages = []
-    for prompt in prompts[: cfg.iterate.eval_prompts]:
-        if isinstance(prompt, str):
-            messages.append([{"role": "user", "content": prompt}])
-        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            messages.append(prompt)
-        else:
-            raise UserError("extrapolate --grid: judges need text or chat prompts, not token ids")
-    return messages
+    return prompt_set(cfg, task)[: cfg.iterate.eval_prompts]
 
 
 class JudgeEvaluator:

@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from spo_ray.config import Config, TaskConfig, config_to_dict
@@ -34,8 +34,10 @@ from spo_ray.storage import local_output
 from spo_ray.tasks import prepare_task
 
 
-def run_iterate(cfg: Config) -> dict:
-    """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`."""
+def run_iterate(cfg: Config, callbacks: Sequence = ()) -> dict:
+    """Run (or resume) `iterate.rounds` rounds; write DIR/summary.json with the list `rounds`.
+
+    `callbacks`: `spo_ray.Callback`s given to each round's training run (their `round` set to the round)."""
     from spo_ray.models.loading import resolve_model_dir
     from spo_ray.rollout import RolloutPool
     from spo_ray.training.metrics import MetricsLogger
@@ -52,7 +54,7 @@ def run_iterate(cfg: Config) -> dict:
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, reference_path=cfg.model.reference_path or start_dir)
     )
-    prompts = _prompt_set(cfg, task)
+    prompts = prompt_set(cfg, task)
     records = _completed_rounds(out)
     current = records[-1]["model"] if records else start_dir
     with contextlib.ExitStack() as stack:  # closes whatever was started, in reverse, on any error
@@ -64,7 +66,7 @@ def run_iterate(cfg: Config) -> dict:
             str(out), cfg.logging, config_to_dict(cfg), cfg.iterate.rounds, max(0, len(records) - 1), "rounds"
         )
         stack.callback(logger.close)
-        context = _Round(cfg, task, prompts, pool, judge)
+        context = _Round(cfg, task, prompts, pool, judge, callbacks)
         if not records:  # round 0: the starting policy
             records.append(context.evaluate(0, current, previous=None, reference=None))
             _write_json(out / "rounds" / "round_0" / "round.json", records[0])
@@ -88,12 +90,13 @@ def run_iterate(cfg: Config) -> dict:
 
 class _Round:
     """What every round needs: config (model.reference_path = the starting policy), task, prompt set,
-    rollout pool and judge."""
+    rollout pool, judge and the user's training callbacks."""
 
-    def __init__(self, cfg: Config, task, prompts, pool, judge):
+    def __init__(self, cfg: Config, task, prompts, pool, judge, callbacks: Sequence = ()):
         from spo_ray.data import Templater
 
         self.cfg, self.task, self.prompts, self.pool, self.judge = cfg, task, prompts, pool, judge
+        self.callbacks = list(callbacks)
         tokenizer_dir = cfg.model.reference_path
         self.templater = Templater.from_path(tokenizer_dir, cfg.data.max_length, cfg.data.max_prompt_length)
         self.rounds_dir = local_output(cfg.output.dir, "spo-ray iterate") / "rounds"
@@ -224,7 +227,10 @@ class _Round:
             task=TaskConfig(),
             output=dataclasses.replace(cfg.output, dir=str(train_dir)),
         )
-        return run_training(round_cfg, rollout_pool=self.pool if cfg.loss.kl_coef > 0 else None)
+        for callback in self.callbacks:
+            callback.round = number  # the round whose steps (counted from 1) the callback is about to see
+        pool = self.pool if cfg.loss.kl_coef > 0 else None
+        return run_training(round_cfg, rollout_pool=pool, callbacks=self.callbacks)
 
     # -- metrics ------------------------------------------------------------------------------------
     def evaluate(self, number: int, model_dir: str, previous: dict | None, reference: dict | None) -> dict:
@@ -300,18 +306,20 @@ def _extra_cpus(cfg: Config) -> float:
     return rollout + judge
 
 
-def _prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
+def prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
     """The rounds' prompts: iterate.prompts_file, else the task's prompts, else data.reg_prompts_file."""
-    from spo_ray.data import read_prompt_file
+    from spo_ray.data import read_prompts
 
     if cfg.iterate.prompts_file:
-        return read_prompt_file(cfg.iterate.prompts_file, "iterate.prompts_file")
+        return read_prompts(cfg.iterate.prompts_file, "iterate.prompts_file", dedupe=True)
     if task is not None:
         return task.prompt_messages()
-    if cfg.data.reg_prompts_file:
-        return read_prompt_file(cfg.data.reg_prompts_file, "data.reg_prompts_file")
+    if cfg.data.reg_prompts_file:  # the regularizer's prompts, read as load_reg_prompts reads them
+        skip = cfg.data.on_bad_rows == "skip"
+        return read_prompts(cfg.data.reg_prompts_file, "data.reg_prompts_file", dedupe=True, skip_bad=skip)
     raise ConfigError(
-        "iterate.prompts_file", "iterative rounds need prompts: give a JSONL file with one 'prompt' per line"
+        "iterate.prompts_file",
+        "the rounds need prompts: give a text file (one prompt per line) or JSONL with a 'prompt' per line",
     )
 
 

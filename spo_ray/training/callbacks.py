@@ -25,7 +25,11 @@ class Callback:
     `on_step(step, metrics)`: after each optimizer step, with the step's metrics (as in `metrics.jsonl`).
     `on_eval(step, metrics)`: after each evaluation, with its `eval/...` metrics.
     `on_checkpoint(step, path)`: after each complete checkpoint, with its folder (a local path or a URI).
+    `round`: in `spo_ray.iterate`, the round whose training is running (1, 2, ...; each round's steps count
+    from 1 again and its checkpoints are in its own folder); 0 in `spo_ray.train`.
     """
+
+    round: int = 0
 
     def on_step(self, step: int, metrics: dict[str, Any]) -> None:
         pass
