@@ -131,6 +131,9 @@ def run_training(
     prepared, precomputed = prepare_training_data(cfg, model_dir, reference_dir, work)
     store = CheckpointStore(out / "checkpoints")
     latest, position = resume_point(store, cfg.train.keep_checkpoints)
+    # before any engine starts: a stream that cannot fill a batch is a ConfigError
+    shards = train_shards(prepared, **stream_position(cfg, prepared.num_train, position))
+    held_out = eval_rows(cfg, prepared)
     pool = None
     try:
         pool, reg_prompts = start_online(cfg, model_dir, rollout_pool)
@@ -144,12 +147,12 @@ def run_training(
                 "output_dir": _for_workers(out),
                 "rollout_pool": pool,
                 "reg_prompts_ref": reg_prompts,
-                "eval_rows": eval_rows(cfg, prepared),
+                "eval_rows": held_out,
                 "ref_logps_precomputed": precomputed,
                 "checkpoint_root": _for_workers(store.root),
                 "resume_from": _for_workers(latest) if latest else None,
             },
-            datasets=train_shards(prepared, **stream_position(cfg, prepared.num_train, position)),
+            datasets=shards,
             dataset_config=shard_data_config(),
             **trainer_configs(cfg, store.root),
         )
