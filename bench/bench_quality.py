@@ -31,6 +31,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "spo_a0.5": ("SPO α=0.5", ["loss.name=spo", "loss.alpha=0.5"]),
     "spo_a1": ("SPO α=1", ["loss.name=spo", "loss.alpha=1.0"]),
     "spo_a2": ("SPO α=2", ["loss.name=spo", "loss.alpha=2.0"]),
+    "spo_a1_w": (
+        "SPO α=1 pair-weighted γ=1",
+        ["loss.name=spo", "loss.alpha=1.0", "loss.pair_weight_gamma=1.0"],
+    ),
     "dpo_b0.1": ("DPO β=0.1", ["loss.name=dpo", "loss.beta=0.1"]),
     "dpo_b1": ("DPO β=1", ["loss.name=dpo", "loss.beta=1.0"]),
     "ipo_b0.1": ("IPO β=0.1", ["loss.name=ipo", "loss.beta=0.1"]),

@@ -487,6 +487,13 @@ def quality_reading(rows: dict, floor: dict) -> list[str]:
             f"onto the best answer (entropy {dpo['entropy']:.2f}), and even at β=1, the temperature of the data, the "
             f"reference's tilt leaves it {dpo1['tv_to_target']:.3f} from softmax(r)."
         )
+    weighted, plain = rows.get("spo_a1_w"), rows.get("spo_a1")
+    if weighted and plain:
+        text.append(
+            f"Pair weighting (loss.pair_weight_gamma=1) leaves SPO α=1 on the same target: TV {weighted['tv_to_target']:.3f} "
+            f"(plain {plain['tv_to_target']:.3f}), entropy {weighted['entropy']:.3f} ({plain['entropy']:.3f}); on "
+            "Bradley–Terry pairs the weights change which pairs the gradient listens to, not the optimum."
+        )
     collapsed = [r["label"] for r in rows.values() if r["entropy"] < 0.25]
     if collapsed:
         text.append(f"Collapsed to (almost) one answer per prompt: {', '.join(collapsed)}.")

@@ -62,6 +62,13 @@ def test_integer_is_accepted_where_a_float_is_expected(tmp_path):
         (["data.packing=maybe"], "data.packing", "expected true or false"),
         (["data.on_bad_rows=ignore"], "data.on_bad_rows", "not one of"),
         (["loss.name=dpoo"], "loss.name", "dpo"),
+        (["loss.pair_weight_gamma=-0.5"], "loss.pair_weight_gamma", "at least 0"),
+        (
+            ["loss.name=spo_ranked", "loss.pair_weight_gamma=1"],
+            "loss.pair_weight_gamma",
+            "loss.name=spo only",
+        ),
+        (["loss.name=dpo", "loss.pair_weight_gamma=1"], "loss.pair_weight_gamma", "loss.name=spo only"),
         (["data.train_files=[/no/such/file.jsonl]"], "data.train_files[0]", "does not exist"),
         (["model.path=/no/such/model"], "model.path", "does not exist"),
         (["data.max_prompt_length=600"], "data.max_prompt_length", "no room"),

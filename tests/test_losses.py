@@ -14,8 +14,10 @@ from spo_ray.losses import (
     rdpo_loss,
     simpo_loss,
     spo_best_of_n_loss,
+    spo_pair_weights,
     spo_pairwise_loss,
     spo_ranked_loss,
+    spo_weighted_pairwise_loss,
     sppo_loss,
     tdpo_loss,
 )
@@ -140,6 +142,54 @@ def test_spo_loss_needs_no_reference_and_rejects_nonpositive_alpha():
     chosen, rejected, _, _ = _pairs()
     with pytest.raises(ValueError, match="alpha"):
         spo_pairwise_loss(chosen, rejected, 0.0)
+
+
+def test_spo_pair_weight_is_exp_of_gamma_times_the_pairs_centred_per_token_loglik():
+    chosen = torch.tensor([-2.0, -10.0, -3.0], dtype=torch.float64)
+    rejected = torch.tensor([-4.0, -12.0, -9.0], dtype=torch.float64)
+    chosen_len, rejected_len = torch.tensor([2, 4, 1]), torch.tensor([2, 4, 5])
+    # per-token pair log-likelihoods: -6/4 = -1.5, -22/8 = -2.75, -12/6 = -2; batch mean -6.25/3
+    loglik = [-1.5, -2.75, -2.0]
+    mean = sum(loglik) / 3
+    for gamma in (0.5, 2.0):
+        expected = torch.tensor([math.exp(gamma * (v - mean)) for v in loglik], dtype=torch.float64)
+        weights = spo_pair_weights(chosen, rejected, chosen_len, rejected_len, gamma)
+        assert torch.allclose(weights, expected, rtol=1e-12, atol=0)
+        assert math.isclose(float(weights.log().mean()), 0.0, abs_tol=1e-12)  # geometric mean 1
+        weighted = spo_weighted_pairwise_loss(chosen, rejected, chosen_len, rejected_len, 0.7, gamma)
+        assert torch.allclose(
+            weighted, expected * spo_pairwise_loss(chosen, rejected, 0.7), rtol=1e-12, atol=0
+        )
+    assert weights[0] > weights[2] > weights[1]  # the pair the model finds least likely counts least
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        spo_pair_weights(chosen, rejected, chosen_len, rejected_len, -1.0)
+
+
+def test_spo_pair_weighting_with_gamma_zero_is_plain_spo_exactly():
+    chosen, rejected, _, _ = _pairs()
+    lengths = torch.randint(1, 30, (2, BATCH), generator=torch.Generator().manual_seed(7))
+    weighted = spo_weighted_pairwise_loss(chosen, rejected, lengths[0], lengths[1], 0.7, 0.0)
+    assert torch.equal(weighted, spo_pairwise_loss(chosen, rejected, 0.7))
+
+
+def test_spo_pair_weights_are_detached_so_the_gradient_is_the_weighted_plain_gradient():
+    chosen, rejected, _, _ = _pairs()
+    lengths = torch.randint(1, 30, (2, BATCH), generator=torch.Generator().manual_seed(8))
+    gamma, alpha = 1.5, 0.7
+    weights = spo_pair_weights(chosen, rejected, lengths[0], lengths[1], gamma)
+    assert not torch.allclose(weights, torch.ones_like(weights), atol=0.1)  # the weights are not trivial
+
+    def grads(loss_fn):
+        c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+        loss_fn(c, r).sum().backward()
+        return c.grad, r.grad
+
+    weighted = grads(lambda c, r: spo_weighted_pairwise_loss(c, r, lengths[0], lengths[1], alpha, gamma))
+    plain_times_weights = grads(lambda c, r: weights * spo_pairwise_loss(c, r, alpha))
+    c, r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    assert not spo_pair_weights(c, r, lengths[0], lengths[1], gamma).requires_grad
+    for got, expected in zip(weighted, plain_times_weights):
+        assert torch.allclose(got, expected, rtol=1e-12, atol=0)
 
 
 # --- DPO family (§2.4) --------------------------------------------------------------------------------------

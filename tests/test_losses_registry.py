@@ -19,6 +19,7 @@ from spo_ray.losses import (
     rdpo_loss,
     simpo_loss,
     spo_best_of_n_loss,
+    spo_pair_weights,
     spo_pairwise_loss,
     spo_ranked_loss,
     sppo_loss,
@@ -27,7 +28,9 @@ from spo_ray.losses import (
 from spo_ray.training.terms import TERMS, needs_reference, precomputable, scored_at_start
 
 B = 5
-PARAMS = LossParams(alpha=0.7, beta=0.2, epsilon=0.1, gamma=0.3, eta=2.0, tdpo_alpha=0.4)
+PARAMS = LossParams(
+    alpha=0.7, beta=0.2, epsilon=0.1, gamma=0.3, eta=2.0, tdpo_alpha=0.4, pair_weight_gamma=0.6
+)
 
 
 def _tensor(*shape: int, seed: int) -> torch.Tensor:
@@ -52,8 +55,9 @@ def _full_terms(n: int) -> PreferenceTerms:
 def _direct(name: str, t: PreferenceTerms, p: LossParams) -> torch.Tensor:
     """What each registered loss must equal, written out call by call."""
     lp, ref = t.policy_logps, t.ref_logps
-    if name == "spo":
-        return spo_pairwise_loss(lp[:, 0], lp[:, 1], p.alpha)
+    if name == "spo":  # with its pair weight (γ = pair_weight_gamma, not SimPO's gamma)
+        weights = spo_pair_weights(lp[:, 0], lp[:, 1], t.lengths[:, 0], t.lengths[:, 1], p.pair_weight_gamma)
+        return weights * spo_pairwise_loss(lp[:, 0], lp[:, 1], p.alpha)
     if name == "spo_best_of_n":
         return spo_best_of_n_loss(lp, t.best_index, p.alpha)
     if name == "spo_ranked":
@@ -149,7 +153,15 @@ def test_missing_or_misshaped_terms_are_errors_that_name_the_field():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("alpha", 0.0), ("beta", -1.0), ("eta", 0.0), ("epsilon", 0.5), ("epsilon", -0.1), ("tdpo_alpha", 0.0)],
+    [
+        ("alpha", 0.0),
+        ("beta", -1.0),
+        ("eta", 0.0),
+        ("epsilon", 0.5),
+        ("epsilon", -0.1),
+        ("tdpo_alpha", 0.0),
+        ("pair_weight_gamma", -0.1),
+    ],
 )
 def test_loss_params_reject_out_of_range_values_by_name(field, value):
     with pytest.raises(ValueError, match=f"LossParams.{field}"):

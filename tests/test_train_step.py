@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -84,6 +85,25 @@ def test_spo_step_loss_is_the_pairwise_formula_on_exact_log_probs(models, packin
         expected.append(-(1 / 0.7) * torch.nn.functional.logsigmoid(0.7 * margin))
     assert out.loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-9)
     assert out.metrics["accuracy"] == pytest.approx(np.mean([e.item() < math.log(2) / 0.7 for e in expected]))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_pair_weighted_spo_step_weights_each_pair_by_its_centred_per_token_log_likelihood(models, packing):
+    policy, reference, tokenizer = models
+    rows = make_rows(tokenizer, PROMPTS, RESPONSES)
+    batch = collate_preference_batch(rows, tokenizer.pad_token_id, packing=packing)
+    ctx = context(policy, reference, "spo")
+    ctx = dataclasses.replace(ctx, params=dataclasses.replace(ctx.params, pair_weight_gamma=1.5))
+    out = compute_step(ctx, batch, None)
+    losses, logliks = [], []
+    for p, (chosen, rejected) in zip(rows["prompt_ids"], rows["response_ids"]):
+        lp_w, lp_l = brute_force_logp(policy, p, chosen), brute_force_logp(policy, p, rejected)
+        losses.append(-(1 / 0.7) * torch.nn.functional.logsigmoid(0.7 * (lp_w - lp_l)))
+        logliks.append((lp_w + lp_l).item() / (len(chosen) + len(rejected)))  # tokens, eos included
+    weights = [math.exp(1.5 * (v - np.mean(logliks))) for v in logliks]
+    assert abs(weights[0] - weights[1]) > 0.1  # the pairs get different weights
+    expected = np.mean([w * loss.item() for w, loss in zip(weights, losses)])
+    assert out.loss.item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_dpo_step_uses_reference_log_probs(models):

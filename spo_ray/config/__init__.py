@@ -246,6 +246,11 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         get_loss(cfg.loss.name)
     except ValueError as exc:
         raise ConfigError("loss.name", str(exc)) from None
+    if cfg.loss.pair_weight_gamma > 0 and cfg.loss.name != "spo":
+        raise ConfigError(
+            "loss.pair_weight_gamma",
+            f"weights the pairs of loss.name=spo only, not {cfg.loss.name}; set it to 0 or use loss.name=spo",
+        )
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",

@@ -46,3 +46,9 @@ class LossConfig:
         "ipo: divide each response's log-ratio by its token count (TRL; the IPO authors' reading), so beta "
         "sets a per-token margin 1/(2 beta); false: sequence sums, beta sets a whole-response margin",
     )
+    pair_weight_gamma: float = option(
+        0.0,
+        "spo: pair weight exponent; each pair counts mu = exp(gamma * (l - batch mean of l)), l the model's "
+        "detached per-token log-likelihood of the pair (README, SPO pair weighting); 0 is plain SPO",
+        ge=0,
+    )

@@ -32,7 +32,13 @@ from spo_ray.losses.registry import (
     preferred_column,
     trl_metrics,
 )
-from spo_ray.losses.spo import spo_best_of_n_loss, spo_pairwise_loss, spo_ranked_loss
+from spo_ray.losses.spo import (
+    spo_best_of_n_loss,
+    spo_pair_weights,
+    spo_pairwise_loss,
+    spo_ranked_loss,
+    spo_weighted_pairwise_loss,
+)
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -60,8 +66,10 @@ __all__ = [
     "shift_for_causal_lm",
     "simpo_loss",
     "spo_best_of_n_loss",
+    "spo_pair_weights",
     "spo_pairwise_loss",
     "spo_ranked_loss",
+    "spo_weighted_pairwise_loss",
     "sppo_loss",
     "tdpo_loss",
     "token_kl",

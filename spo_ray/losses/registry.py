@@ -22,7 +22,7 @@ from spo_ray.losses.dpo_family import (
     sppo_loss,
     tdpo_loss,
 )
-from spo_ray.losses.spo import spo_best_of_n_loss, spo_pairwise_loss, spo_ranked_loss
+from spo_ray.losses.spo import spo_best_of_n_loss, spo_ranked_loss, spo_weighted_pairwise_loss
 
 LossKind = Literal["pairwise", "best_of_n", "ranked", "sppo"]
 
@@ -33,7 +33,7 @@ class PreferenceTerms:
 
     policy_logps: torch.Tensor  # [B, n] lp_θ of each response; pairwise: column 0 chosen, column 1 rejected
     ref_logps: torch.Tensor | None = None  # [B, n] lp_ref of the same responses
-    lengths: torch.Tensor | None = None  # [B, n] response lengths in tokens (SimPO)
+    lengths: torch.Tensor | None = None  # [B, n] response lengths in tokens (SimPO, IPO, SPO's pair weight)
     best_index: torch.Tensor | None = None  # [B] long, column of the preferred response (best-of-n)
     ranking: torch.Tensor | None = None  # [B, n] long, columns best first, -1 padding at the tail (ranked)
     win_prob: torch.Tensor | None = None  # [B, n] judge's P̂(y ≻ π_t | x) per response (SPPO)
@@ -52,6 +52,7 @@ class LossParams:
     eta: float = 1.0  # SPPO step size
     tdpo_alpha: float = 0.5  # TDPO2's weight of the SeqKL gap (the official default)
     ipo_length_normalize: bool = True  # IPO log-ratios per token (TRL) instead of per sequence
+    pair_weight_gamma: float = 0.0  # SPO pair weight exponent γ (0: plain SPO); not SimPO's `gamma`
 
     @classmethod
     def from_config(cls, loss_cfg: object) -> LossParams:
@@ -62,6 +63,8 @@ class LossParams:
         for name in ("alpha", "beta", "eta", "tdpo_alpha"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LossParams.{name} must be > 0, got {getattr(self, name)}")
+        if not self.pair_weight_gamma >= 0:
+            raise ValueError(f"LossParams.pair_weight_gamma must be >= 0, got {self.pair_weight_gamma}")
         if not 0.0 <= self.epsilon < 0.5:
             raise ValueError(f"LossParams.epsilon must be in [0, 0.5), got {self.epsilon}")
 
@@ -114,12 +117,15 @@ def _reference_pairwise(fn: Callable[..., torch.Tensor], *param_names: str):
 
 
 _SPECS = (
+    # lengths always: exact counts from the batch (no forward), read only when pair_weight_gamma > 0
     LossSpec(
         "spo",
-        spo_pairwise_loss,
+        spo_weighted_pairwise_loss,
         "pairwise",
-        (),
-        lambda t, p: spo_pairwise_loss(*_pairwise(t.policy_logps), p.alpha),
+        ("lengths",),
+        lambda t, p: spo_weighted_pairwise_loss(
+            *_pairwise(t.policy_logps), *_pairwise(t.lengths), p.alpha, p.pair_weight_gamma
+        ),
     ),
     LossSpec(
         "spo_best_of_n",

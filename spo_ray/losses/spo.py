@@ -2,7 +2,8 @@
 
 The model's preference probability is P_θ(y1 ≻ y2) = π_θ(y1)^α / (π_θ(y1)^α + π_θ(y2)^α); each loss is the
 negative log-likelihood of the observed preferences under it, scaled by 1/α so that gradients keep a
-comparable size across α. All return unreduced per-example losses [B].
+comparable size across α. All return unreduced per-example losses [B]. `spo_weighted_pairwise_loss` adds the
+optional pair weight μ (off at γ = 0).
 """
 
 from __future__ import annotations
@@ -20,6 +21,48 @@ def spo_pairwise_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, 
     """−(1/α) · log σ(α · (lp_θ(y_w) − lp_θ(y_l))), per pair [B]."""
     _check_alpha(alpha)
     return -F.logsigmoid(alpha * (chosen_logps - rejected_logps)) / alpha
+
+
+def spo_pair_weights(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    gamma: float,
+) -> torch.Tensor:
+    """μ = exp(γ · (ℓ − mean_batch ℓ)), ℓ = sg((lp_θ(y_w) + lp_θ(y_l)) / (|y_w| + |y_l|)): detached [B].
+
+    ℓ is the model's own per-token log-likelihood of the pair, so pairs of responses the model finds unlikely
+    count less. Centring on the batch mean (in training, each worker's step batch) makes the weights'
+    geometric mean 1, so equally likely pairs all weigh 1. This equation is the documented reading of the SPO
+    paper's weighted preference loss (Sharifnassab et al., arXiv 2405.00747; README, "SPO pair weighting"):
+    the paper's exact form could not be recovered from the sources available when it was written.
+    """
+    if not gamma >= 0:
+        raise ValueError(f"SPO pair-weight exponent gamma must be >= 0, got {gamma}")
+    with torch.no_grad():
+        tokens = (chosen_lengths + rejected_lengths).to(chosen_logps.dtype).clamp(min=1)
+        pair_loglik = (chosen_logps + rejected_logps) / tokens  # [B] per-token lp of the pair
+        return torch.exp(gamma * (pair_loglik - pair_loglik.mean()))
+
+
+def spo_weighted_pairwise_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    alpha: float,
+    gamma: float,
+) -> torch.Tensor:
+    """μ · (−(1/α) · log σ(α · (lp_θ(y_w) − lp_θ(y_l)))), μ of `spo_pair_weights` (no gradient), per pair [B].
+
+    γ = 0 returns `spo_pairwise_loss` itself. On Bradley–Terry-consistent pairs the optimum stays softmax(r/α):
+    every pair's own expected loss is minimized there, so any positive weighting of the pairs keeps it.
+    """
+    loss = spo_pairwise_loss(chosen_logps, rejected_logps, alpha)
+    if gamma == 0:
+        return loss
+    return spo_pair_weights(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, gamma) * loss
 
 
 def spo_best_of_n_loss(logps: torch.Tensor, best_index: torch.Tensor, alpha: float) -> torch.Tensor:
