@@ -4,7 +4,8 @@
 start fresh and free their memory): train (vs TRL and a bare PyTorch step, tiny and SmolLM2+LoRA),
 ray (real Ray Train runs, 1 vs 2 workers), online (online SPO overhead), rollout (bench_rollout.py:
 vLLM vs HF generation, weight sync vs memcpy), quality (the synthetic expert table), data
-(bench_data.py). `--only a,b` runs some sections and rebuilds the report from the others' last JSON in
+(bench_data.py), kl_memory (bench_kl_memory.py: peak memory of the global-KL term, full logits vs
+chunked, SmolLM2). `--only a,b` runs some sections and rebuilds the report from the others' last JSON in
 bench/out/; `--report` only rebuilds the report. Budget: about 30 minutes on 2 free cores.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, OUT, machine, read_json, run_python, write_json  # noqa: E402
 
-SECTIONS = ("train", "ray", "online", "rollout", "quality", "data")
+SECTIONS = ("train", "ray", "online", "rollout", "quality", "data", "kl_memory")
 QUALITY_STEPS = 200
 
 
@@ -86,6 +87,12 @@ def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
                 ["--rows", "20000", "--small", "5000"] if quick else ["--rows", "50000", "--small", "5000"]
             )
             run_python(BENCH_DIR / "bench_data.py", [*sizes, "--out", str(OUT / "data.json")])
+        elif name == "kl_memory":
+            threads = str(log.get("train_threads") or threads_for_timing(args.threads))
+            run_python(
+                BENCH_DIR / "bench_kl_memory.py",
+                ["--reps", "1" if quick else "2", "--threads", threads, "--out", str(OUT / "kl_memory.json")],
+            )
         log[name] = {"ok": True, "seconds": round(time.perf_counter() - started, 1)}
         log[name]["load_average_1m"] = [load_at_start, round(os.getloadavg()[0], 2)]  # at start, at end
         log[name]["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -269,7 +276,12 @@ def report(log: dict) -> None:
     rollout = read_json(OUT / "rollout.json") or {}
     quality = read_json(OUT / "quality.json") or {}
     data = read_json(OUT / "data.json") or {}
+    kl_memory = read_json(OUT / "kl_memory.json") or {}
     results = headline(train, ray_runs, online, rollout, quality)
+    results["kl_peak_memory_ratio"] = kl_memory.get("kl_peak_memory_ratio")
+    results["kl_memory"] = (
+        {k: kl_memory.get(k) for k in ("model", "settings", "check")} if kl_memory else None
+    )
     # bench_data.py --scale (needs an older checkout, so not a section): keep its last figures
     scale = read_json(OUT / "data_scale.json") or read_json(BENCH_DIR / "results.json") or {}
     results.update({k: scale.get(k) for k in ("data_read_amplification", "resume_seconds_ratio")})
@@ -301,6 +313,7 @@ def report(log: dict) -> None:
         "vllm_vs_hf_tokens_per_s_ratio",
         "sync_mb_per_s",
         "memcpy_mb_per_s",
+        "kl_peak_memory_ratio",
     ):
         lines.append(f"| `{key}` | {fmt(results[key], 2)} |")
     lines += ["", "## 1. Training throughput vs TRL", ""]
@@ -322,6 +335,7 @@ def report(log: dict) -> None:
     lines += rollout_section(rollout)
     lines += quality_section(quality)
     lines += data_section(data)
+    lines += kl_memory_section(kl_memory)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += quality_plots(quality)
     lines += ["", "## Run log", "", "```", json.dumps(log, indent=1), "```", ""]
@@ -513,6 +527,41 @@ def quality_plots(quality: dict) -> list[str]:
         for name in ("quality_vs_target", "quality_distributions")
         if (BENCH_DIR / f"{name}.png").exists()
     ]
+
+
+def kl_memory_section(kl: dict) -> list[str]:
+    settings = kl.get("settings") or {}
+    if not settings:
+        return []
+    lines = [
+        "## Memory of the global-KL term (bench/bench_kl_memory.py)",
+        "",
+        f"{kl['model']} + LoRA r=8, {kl['num_samples']} online samples × {kl['sample_tokens']} sampled tokens "
+        f"(prompts 16–44 tokens), `token` estimator: the term's forward and backward, peak of live tensor bytes "
+        "from torch.profiler's allocation events (each run in a fresh process, after one unmeasured run), and "
+        "the process's peak RSS growth over the same run. `full_logits` is the term before chunking ([S, T, V] "
+        "logits of policy and reference, a second log-softmax for the entropy); `chunked` runs the LM heads on "
+        "the sampled tokens' positions only, a checkpointed chunk of rows at a time.",
+        "",
+        "| setting | full_logits MiB | chunked MiB | ratio | RSS growth full / chunked MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in settings.items():
+        peak, rss = r["profiled_peak_mib"], r["rss_peak_growth_mib"]
+        lines.append(
+            f"| {name.replace('_', ' ')} | {peak['full_logits']['median']:.0f} | {peak['chunked']['median']:.0f} | "
+            f"**{r['ratio']:.2f}** | {fmt(_get(rss, 'full_logits', 'median'), 0)} / {fmt(_get(rss, 'chunked', 'median'), 0)} |"
+        )
+    check = kl.get("check") or {}
+    if check:
+        lines += [
+            "",
+            f"Same weights and samples, both variants: loss differs by {check['loss_max_abs_diff']:.1e}, exact token "
+            f"KL by {check['kl_token_max_abs_diff']:.1e} (mean {check['kl_token_mean']:.3f} nats), entropy by "
+            f"{check['entropy_max_abs_diff']:.1e}, LoRA gradients by {check['grad_max_abs_diff']:.1e} "
+            f"(largest {check['grad_max_abs']:.1e}); float32.",
+        ]
+    return lines + [""]
 
 
 def data_section(data: dict) -> list[str]:

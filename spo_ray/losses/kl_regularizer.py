@@ -59,14 +59,9 @@ class _SampleTerms:
     behavior_logp_gap: torch.Tensor | None  # [B]
 
 
-def _sample_terms(
-    policy_logits: torch.Tensor,
-    ref_logits: torch.Tensor,
-    sample_tokens: torch.Tensor,
-    mask: torch.Tensor,
-    behavior_logps: torch.Tensor | None,
-    is_clip: float | None,
-) -> _SampleTerms:
+def _check_logits(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, sample_tokens: torch.Tensor, mask: torch.Tensor
+) -> None:
     if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != sample_tokens.shape:
         raise ValueError(
             f"KL regularizer: policy_logits {tuple(policy_logits.shape)} and ref_logits "
@@ -74,14 +69,23 @@ def _sample_terms(
         )
     if mask.shape != sample_tokens.shape:
         raise ValueError(f"KL regularizer: mask {tuple(mask.shape)} must match sample_tokens [B, T]")
+
+
+def _sample_terms(
+    policy_token_logps: torch.Tensor,
+    ref_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    behavior_logps: torch.Tensor | None,
+    is_clip: float | None,
+) -> _SampleTerms:
+    """The per-sample terms from log π_θ(y_t|·) [B, T] (with gradient) and log π_ref(y_t|·) [B, T]."""
     if is_clip is not None and behavior_logps is None:
         raise ValueError("KL regularizer: is_clip needs behavior_logps (the rollout's per-token logprobs)")
     if is_clip is not None and not is_clip > 0:
         raise ValueError(f"KL regularizer: is_clip must be > 0, got {is_clip}")
     mask = mask.bool()
-    policy_logps = torch.where(mask, token_logps(policy_logits, sample_tokens), 0.0)
-    with torch.no_grad():
-        ref_logps = torch.where(mask, token_logps(ref_logits, sample_tokens), 0.0)
+    policy_logps = torch.where(mask, policy_token_logps, 0.0)
+    ref_logps = torch.where(mask, ref_token_logps.detach(), 0.0)
     # Importance weights in log space: log Π_{s≤t} π_θ/π_old along the sequence, truncated at log c.
     log_ratio_sum = torch.zeros_like(policy_logps.detach())  # [B, T], inclusive prefix sums
     gap = None
@@ -132,9 +136,33 @@ KLEstimator = Callable[..., KLRegularizerOutput]
 def _estimator(kl_gradient: bool = True) -> Callable[[Callable[..., torch.Tensor]], KLEstimator]:
     """Make an estimator from its surrogate `loss(terms, kl_t, baseline) -> [B]`: every estimator takes the same
     arguments (policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip, baseline) and shares
-    the per-sample terms and the exact per-position KL `kl_t` [B, T] (without gradient when only logged)."""
+    the per-sample terms and the exact per-position KL `kl_t` [B, T] (without gradient when only logged).
+
+    `estimator.from_positions(policy_logps, ref_logps, kl_t, mask, behavior_logps, is_clip, baseline)` is the
+    same estimator on per-position values [B, T] computed elsewhere (e.g. in chunks, without [B, T, V] logits):
+    log π_θ(y_t|·) and KL_t with gradient, log π_ref(y_t|·); `estimator.kl_gradient` says whether it reads
+    the gradient of KL_t (else KL_t is only logged and may come without one)."""
 
     def make(surrogate: Callable[..., torch.Tensor]) -> KLEstimator:
+        def from_positions(
+            policy_logps: torch.Tensor,
+            ref_logps: torch.Tensor,
+            kl_t: torch.Tensor,
+            mask: torch.Tensor,
+            behavior_logps: torch.Tensor | None = None,
+            is_clip: float | None = None,
+            baseline: torch.Tensor | float | None = None,
+        ) -> KLRegularizerOutput:
+            shapes = {tuple(t.shape) for t in (policy_logps, ref_logps, kl_t, mask)}
+            if len(shapes) != 1 or policy_logps.dim() != 2:
+                raise ValueError(
+                    "KL regularizer: policy_logps, ref_logps, kl_t and mask must all be [B, T]; got "
+                    f"{[tuple(t.shape) for t in (policy_logps, ref_logps, kl_t, mask)]}"
+                )
+            terms = _sample_terms(policy_logps, ref_logps, mask, behavior_logps, is_clip)
+            kl_t = torch.where(terms.mask, kl_t if kl_gradient else kl_t.detach(), 0.0)
+            return _output(terms, surrogate(terms, kl_t, baseline), kl_t)
+
         def estimate(
             policy_logits: torch.Tensor,
             ref_logits: torch.Tensor,
@@ -144,13 +172,20 @@ def _estimator(kl_gradient: bool = True) -> Callable[[Callable[..., torch.Tensor
             is_clip: float | None = None,
             baseline: torch.Tensor | float | None = None,
         ) -> KLRegularizerOutput:
-            terms = _sample_terms(policy_logits, ref_logits, sample_tokens, mask, behavior_logps, is_clip)
+            _check_logits(policy_logits, ref_logits, sample_tokens, mask)
+            policy_logps = token_logps(policy_logits, sample_tokens)
+            with torch.no_grad():
+                ref_logps = token_logps(ref_logits, sample_tokens)
+            terms = _sample_terms(policy_logps, ref_logps, mask, behavior_logps, is_clip)
             with torch.set_grad_enabled(kl_gradient and torch.is_grad_enabled()):
                 kl_t = _masked_kl_per_position(policy_logits, ref_logits, terms.mask)
             return _output(terms, surrogate(terms, kl_t, baseline), kl_t)
 
+        for function in (estimate, from_positions):
+            function.__doc__ = surrogate.__doc__
         estimate.__name__ = estimate.__qualname__ = surrogate.__name__
-        estimate.__doc__ = surrogate.__doc__
+        estimate.from_positions = from_positions
+        estimate.kl_gradient = kl_gradient
         return estimate
 
     return make

@@ -9,6 +9,8 @@ The LM head runs only at the positions that predict a response token, never over
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -195,6 +197,85 @@ def response_logits(
             f"expected [{tokens.labels.shape[0]}, vocab]"
         )
     return logits
+
+
+class ResponseHead:
+    """The logits at the positions that predict the response tokens, a chunk of rows at a time.
+
+    Built by `response_head` from one forward that keeps only those positions' final hidden states [N, H]:
+    `logits(rows)` runs the LM head on those rows (inside `context`, e.g. autocast), so the [N, V] logits of
+    all positions never exist at once, and a backward through a chunk reaches the hidden states and the head's
+    weights as the model's own head call would. A model that transforms its head's output inside its forward
+    (soft-capping, a logit scale) keeps the [N, V] logits of `response_logits` instead, still exact.
+    """
+
+    def __init__(
+        self,
+        hidden: torch.Tensor | None,
+        head: torch.nn.Module | None,
+        context: Callable[[], AbstractContextManager],
+        vocab_size: int,
+        logits: torch.Tensor | None = None,
+    ):
+        self.hidden, self.head, self.context, self.full_logits = hidden, head, context, logits
+        self.vocab_size = vocab_size
+        self.num_rows = int((logits if logits is not None else hidden).shape[0])
+
+    def logits(self, rows: slice) -> torch.Tensor:
+        """[C, V] for the response tokens `rows` (in `ResponseTokens` order)."""
+        if self.full_logits is not None:
+            return self.full_logits[rows]
+        with self.context():
+            return self.head(self.hidden[rows])
+
+
+# LM heads whose model transforms their output in its forward (found by `response_head`'s probe).
+_TRANSFORMED_HEADS: weakref.WeakSet = weakref.WeakSet()
+
+
+def response_head(
+    model: torch.nn.Module,
+    tokens: ResponseTokens,
+    context: Callable[[], AbstractContextManager] | None = None,
+) -> ResponseHead:
+    """`ResponseHead` of `model` over `tokens`, from one forward inside `context()` (autocast, a reference
+    mode), which its chunks enter again.
+
+    A forward pre-hook on the LM head keeps the hidden states of the positions that predict response tokens
+    and hands the head only the first of them: a probe that the model returns the head's output unchanged
+    (else the model is remembered and gets `response_logits`, a second forward this once).
+    """
+    context = context or nullcontext
+    head = _unwrap(model).get_output_embeddings()
+    if head is None or head in _TRANSFORMED_HEADS:
+        with context():
+            logits = response_logits(model, tokens)
+        return ResponseHead(None, None, context, logits.shape[-1], logits)
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_predictors(module, args):
+        hidden = args[0]  # [rows, width, H]
+        kept["hidden"] = hidden.reshape(-1, hidden.shape[-1])[tokens.predictor_index]
+        return (kept["hidden"][:1], *args[1:])
+
+    def keep_probe(module, args, output):
+        kept["probe"] = output
+
+    handles = [head.register_forward_pre_hook(keep_predictors), head.register_forward_hook(keep_probe)]
+    try:
+        with context():
+            logits = model(**tokens.model_inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    probe = kept["probe"].detach()
+    if probe.numel() and not (
+        logits.shape[-1] == probe.shape[-1]
+        and torch.equal(logits.detach().reshape(-1, logits.shape[-1]), probe.to(logits.dtype))
+    ):
+        _TRANSFORMED_HEADS.add(head)
+        return response_head(model, tokens, context)
+    return ResponseHead(kept["hidden"], head, context, probe.shape[-1])
 
 
 def per_sequence(values: torch.Tensor, tokens: ResponseTokens) -> torch.Tensor:

@@ -4,12 +4,20 @@ log-probs and entropy of the policy on them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from spo_ray.losses import get_kl_estimator, sequence_logps, shift_for_causal_lm
+from spo_ray.losses import get_kl_estimator, kl_per_position, token_logps
 from spo_ray.training.context import StepContext, token_entropy
+from spo_ray.training.layouts import ResponseHead, ResponseTokens, per_sequence, response_head
+
+# Logits entries per chunk of the KL pass: 2^24 float32 values are 64 MiB ([341, 49152] for SmolLM2's
+# vocabulary, [130, 128256] for Llama 3's); a chunk holds a few such buffers at a time, forward or backward.
+KL_CHUNK_ELEMENTS = 2**24
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -38,28 +46,111 @@ class SampleBatch:
             behavior[i, start : len(row)] = torch.tensor(list(sample.logprobs), dtype=torch.float32)
         return cls(ids.to(device), attention.to(device), response.to(device), behavior.to(device))
 
+    def tokens(self) -> ResponseTokens:
+        """The sampled tokens as `ResponseTokens` over these rows: position t predicts token t + 1."""
+        rows, columns = self.response_mask[:, 1:].bool().nonzero(as_tuple=True)
+        return ResponseTokens(
+            model_inputs={
+                "input_ids": self.input_ids,
+                "attention_mask": self.attention_mask,
+                "use_cache": False,
+            },
+            predictor_index=rows * self.input_ids.shape[1] + columns,
+            labels=self.input_ids[rows, columns + 1],
+            sequence_index=rows,
+            num_sequences=self.input_ids.shape[0],
+        )
+
+
+@dataclass
+class TokenValues:
+    """Per sampled token [N] (in `SampleBatch.tokens()` order): what the regularizer reads of the logits."""
+
+    policy_logps: torch.Tensor  # log π_θ(y_t|·), with gradient
+    ref_logps: torch.Tensor  # log π_ref(y_t|·)
+    kl: torch.Tensor  # exact KL(π_θ ‖ π_ref) over the vocabulary, with gradient when `kl_gradient`
+    entropy: torch.Tensor  # exact H(π_θ(·|·)), no gradient
+
+
+def _chunk_values(
+    policy: ResponseHead, reference: ResponseHead, labels: torch.Tensor, rows: slice, kl_gradient: bool
+) -> tuple[torch.Tensor, ...]:
+    policy_logits = policy.logits(rows)  # [C, V]
+    if policy_logits.dtype in _LOW_PRECISION:  # the math in float32, as for full logits
+        policy_logits = policy_logits.float()
+    policy_logps = token_logps(policy_logits[None], labels[None])[0]
+    with torch.no_grad():  # after the log-probs: a backward that needs only them recomputes no further
+        ref_logits = reference.logits(rows)
+        ref_logits = ref_logits.float() if ref_logits.dtype in _LOW_PRECISION else ref_logits
+        ref_logps = token_logps(ref_logits[None], labels[None])[0]
+        entropy = token_entropy(policy_logits)
+    with torch.set_grad_enabled(kl_gradient and torch.is_grad_enabled()):
+        kl = kl_per_position(policy_logits[None], ref_logits[None])[0]
+    return policy_logps, ref_logps, kl, entropy
+
+
+def token_values(
+    policy: ResponseHead, reference: ResponseHead, labels: torch.Tensor, kl_gradient: bool = True
+) -> TokenValues:
+    """Log-probs, exact KL and entropy per sampled token, `KL_CHUNK_ELEMENTS` logits at a time.
+
+    With gradient, each chunk is checkpointed: its backward recomputes the chunk's logits instead of keeping
+    them, so the memory is a few [C, V] buffers whatever the number of tokens. Value and gradient are those
+    of the same math on full logits (tests/test_sample_kl.py).
+    """
+    step = max(1, KL_CHUNK_ELEMENTS // max(policy.vocab_size, 1))
+    parts = []
+    for start in range(0, max(policy.num_rows, 1), step):  # one empty chunk without tokens: a graph still
+        rows = slice(start, start + step)
+        arguments = (policy, reference, labels[rows], rows, kl_gradient)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_values, *arguments, use_reentrant=False))
+        else:
+            parts.append(_chunk_values(*arguments))
+    return TokenValues(*(torch.cat(values) for values in zip(*parts)))
+
 
 def kl_regularizer_output(ctx: StepContext, samples: SampleBatch):
-    """Global-KL surrogate on online samples (SPEC.md §2.2): policy and reference forwards over them."""
-    inputs = {"input_ids": samples.input_ids, "attention_mask": samples.attention_mask, "use_cache": False}
-    with ctx.autocast():
-        policy_logits = ctx.policy(**inputs).logits  # [S, T, V]
-    ref_logits = ctx.reference_logits(**inputs)
-    shifted = shift_for_causal_lm(policy_logits, samples.input_ids, samples.response_mask)
+    """Global-KL surrogate on online samples (SPEC.md §2.2): policy and reference forwards over them.
+
+    Only the positions that predict sampled tokens reach the LM heads, a chunk at a time (`token_values`):
+    no [S, T, V] logits of the policy or of the reference exist. Returns the estimator's output, the policy's
+    log-prob of each sample [S] and its entropy at every sampled token [N] (no gradient in either).
+    """
+    tokens = samples.tokens()
     estimator = get_kl_estimator(ctx.kl_estimator)
-    kl = estimator(
-        shifted.logits,
-        ref_logits[:, :-1],
-        shifted.labels,
-        shifted.mask,
+    policy = response_head(ctx.policy, tokens, ctx.autocast)
+    with torch.no_grad():
+        if ctx.reference is not None:
+            reference = response_head(ctx.reference, tokens, ctx.autocast)
+        else:
+            reference = response_head(
+                ctx.policy, tokens, lambda: _entered(ctx.reference_mode(), ctx.autocast())
+            )
+    values = token_values(policy, reference, tokens.labels, estimator.kl_gradient)
+    rows, columns = tokens.sequence_index, tokens.predictor_index % samples.input_ids.shape[1]
+
+    def on_grid(per_token: torch.Tensor) -> torch.Tensor:  # [N] -> [S, T-1], 0 off the sampled tokens
+        grid = per_token.new_zeros(samples.input_ids.shape[0], samples.input_ids.shape[1] - 1)
+        return grid.index_put((rows, columns), per_token)
+
+    kl = estimator.from_positions(
+        on_grid(values.policy_logps),
+        on_grid(values.ref_logps),
+        on_grid(values.kl),
+        samples.response_mask[:, 1:].bool(),
         behavior_logps=samples.behavior_logps[:, 1:],
         is_clip=ctx.importance_clip or None,
     )
-    with torch.no_grad():
-        sample_logps = sequence_logps(shifted.logits.detach(), shifted.labels, shifted.mask)
-        logits = shifted.logits.detach()  # one sequence's sampled positions copied at a time: [t_i, V]
-        entropy = torch.cat([token_entropy(row[mask]) for row, mask in zip(logits, shifted.mask)])
-    return kl, sample_logps, entropy
+    sample_logps = per_sequence(values.policy_logps.detach(), tokens)
+    return kl, sample_logps, values.entropy
+
+
+def _entered(*managers) -> ExitStack:
+    stack = ExitStack()
+    for manager in managers:
+        stack.enter_context(manager)
+    return stack
 
 
 def kl_metrics(
