@@ -104,3 +104,18 @@ def test_a_preparation_killed_midway_is_never_reused(tmp_path, tiny_model_dir, r
     assert sorted(prepared.train_rows.read(np.arange(5000)).column("example_id").to_pylist()) == list(
         range(5000)
     )
+
+
+def test_a_chunk_task_whose_preparation_folder_was_removed_fails_instead_of_recreating_it(tmp_path):
+    # a Ray task can outlive its killed preparation; the next preparation removes that run's .tmp-* folder,
+    # and the task's next part must not bring the folder back (it did: makedirs recreated it)
+    from spo_ray.data.processing import ChunkResult, _Writer
+
+    gone = tmp_path / ".tmp-key-dead"
+    writer = _Writer(ChunkResult(index=0, role="train"), str(gone))
+    with pytest.raises(FileNotFoundError):
+        writer.subfolder("train")
+    assert not gone.exists()
+    gone.mkdir()  # a live preparation's folder: its subfolders are made, once or many times
+    assert writer.subfolder("train") == writer.subfolder("train") == str(gone / "train")
+    assert (gone / "train").is_dir()

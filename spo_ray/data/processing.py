@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -136,16 +137,22 @@ class _Writer:
         schema = pa.schema(columns)
         table = pa.table(data, schema=schema)
         if self.table_writer is None:
-            path = os.path.join(self.out_dir, self.result.role, f"part-{self.result.index:06d}.arrow")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            path = os.path.join(self.subfolder(self.result.role), f"part-{self.result.index:06d}.arrow")
             self.table_writer = pa.ipc.new_file(path, schema)
             self.result.part = path
         self.table_writer.write_table(table)
 
+    def subfolder(self, name: str) -> str:
+        """`out_dir/name`, made inside `out_dir` but never `out_dir` itself: a task that outlives its killed
+        preparation, whose `.tmp-*` folder the next preparation removed, fails here instead of recreating it."""
+        path = os.path.join(self.out_dir, name)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)  # FileNotFoundError when out_dir is gone
+        return path
+
     def bad(self, raw: RawRow, problem: RowProblem) -> None:
         if self.quarantine is None:
-            path = os.path.join(self.out_dir, "quarantine", f"quarantine-{self.result.index:06d}.jsonl")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            path = os.path.join(self.subfolder("quarantine"), f"quarantine-{self.result.index:06d}.jsonl")
             self.quarantine = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
             self.result.quarantine = path
         record = {
