@@ -59,7 +59,12 @@ def legacy_kl_regularizer_output(ctx: StepContext, samples: SampleBatch):
     inputs = {"input_ids": samples.input_ids, "attention_mask": samples.attention_mask, "use_cache": False}
     with ctx.autocast():
         policy_logits = ctx.policy(**inputs).logits  # [S, T, V]
-    ref_logits = ctx.reference_logits(**inputs)
+    with torch.no_grad(), ctx.autocast():
+        if ctx.reference is not None:
+            ref_logits = ctx.reference(**inputs).logits
+        else:
+            with ctx.reference_mode():
+                ref_logits = ctx.policy(**inputs).logits
     shifted = shift_for_causal_lm(policy_logits, samples.input_ids, samples.response_mask)
     estimator = get_kl_estimator(ctx.kl_estimator)
     kl = estimator(

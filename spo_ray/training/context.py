@@ -32,13 +32,6 @@ class StepContext:
         device = next(self.policy.parameters()).device.type
         return torch.autocast(device, dtype=self.compute_dtype)
 
-    def reference_logits(self, **inputs) -> torch.Tensor:
-        with torch.no_grad(), self.autocast():
-            if self.reference is not None:
-                return self.reference(**inputs).logits
-            with self.reference_mode():
-                return self.policy(**inputs).logits
-
 
 CHUNK = 1024  # response tokens per float32 upcast of half-precision logits
 
