@@ -5,8 +5,9 @@ start fresh and free their memory): train (vs TRL and a bare PyTorch step, tiny 
 ray (real Ray Train runs, 1 vs 2 workers), online (online SPO overhead), rollout (bench_rollout.py:
 vLLM vs HF generation, weight sync vs memcpy), quality (the synthetic expert table), data
 (bench_data.py), kl_memory (bench_kl_memory.py: peak memory of the global-KL term, full logits vs
-chunked, SmolLM2). `--only a,b` runs some sections and rebuilds the report from the others' last JSON in
-bench/out/; `--report` only rebuilds the report. Budget: about 30 minutes on 2 free cores.
+chunked, SmolLM2); the report also carries cost_model.py's paper estimate for a 7–8B model on 8 GPUs.
+`--only a,b` runs some sections and rebuilds the report from the others' last JSON in bench/out/;
+`--report` only rebuilds the report. Budget: about 30 minutes on 2 free cores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, OUT, machine, read_json, run_python, write_json  # noqa: E402
+from cost_model import report as cost_model_report  # noqa: E402
 
 SECTIONS = ("train", "ray", "online", "rollout", "quality", "data", "kl_memory")
 QUALITY_STEPS = 200
@@ -336,6 +338,7 @@ def report(log: dict) -> None:
     lines += quality_section(quality)
     lines += data_section(data)
     lines += kl_memory_section(kl_memory)
+    lines += cost_model_report() + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += quality_plots(quality)
     lines += ["", "## Run log", "", "```", json.dumps(log, indent=1), "```", ""]
