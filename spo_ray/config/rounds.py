@@ -10,17 +10,22 @@ from spo_ray.config.fields import option
 
 @dataclass
 class TaskConfig:
-    name: Literal["none", "synthetic_expert"] = option(
+    name: Literal["none", "synthetic_expert", "arithmetic"] = option(
         "none",
-        "built-in task that writes its own data and reference: 'synthetic_expert' (known Bradley-Terry expert)",
+        "built-in task that writes its own data and reference: 'synthetic_expert' (known Bradley-Terry expert), "
+        "'arithmetic' (seeded word problems with an exact judge, for `spo-ray iterate`)",
     )
-    num_prompts: int = option(8, "synthetic expert: prompts", ge=1)
+    num_prompts: int = option(8, "synthetic expert: prompts; arithmetic: training prompts", ge=1)
     num_candidates: int = option(5, "synthetic expert: candidate responses per prompt (the set S)", ge=2)
     num_pairs: int = option(16000, "synthetic expert: Bradley-Terry preference pairs to draw", ge=1)
-    seed: int = option(0, "synthetic expert: seed of rewards, reference distribution and pairs")
+    seed: int = option(
+        0, "synthetic expert: seed of rewards, reference distribution and pairs; arithmetic: of the problems"
+    )
     reference_fit_steps: int = option(
         300, "synthetic expert: steps fitting the tiny model to the reference", ge=1
     )
+    num_heldout: int = option(64, "arithmetic: prompts in each held-out split (validation, test)", ge=1)
+    operations: int = option(2, "arithmetic: add/subtract steps per problem (the difficulty)", ge=1)
 
 
 @dataclass
@@ -81,7 +86,13 @@ class IterateConfig:
     max_tokens: int = option(32, "max new tokens per candidate", ge=1)
     temperature: float = option(1.0, "sampling temperature of the candidates", gt=0)
     eval_prompts: int = option(
-        8, "fixed prompts for the per-round win rates (first k of the prompt set)", ge=1
+        8,
+        "fixed prompts for the per-round evaluation (first k of iterate.eval_prompts_file, else of the task's "
+        "held-out prompts, else of the prompt set)",
+        ge=1,
+    )
+    eval_prompts_file: str = option(
+        "", "held-out prompts of the per-round evaluation (as iterate.prompts_file); empty: see eval_prompts"
     )
     eval_samples: int = option(4, "samples per eval prompt from each round's policy", ge=1)
     seed: int = option(0, "seed of prompt sampling, candidate sampling and sampled labels")

@@ -100,7 +100,7 @@ class _Round:
         tokenizer_dir = cfg.model.reference_path
         self.templater = Templater.from_path(tokenizer_dir, cfg.data.max_length, cfg.data.max_prompt_length)
         self.rounds_dir = local_output(cfg.output.dir, "spo-ray iterate") / "rounds"
-        self.eval_prompts = prompts[: cfg.iterate.eval_prompts]
+        self.eval_prompts = eval_prompt_set(cfg, task, prompts)[: cfg.iterate.eval_prompts]
 
     def run(self, number: int, current: str, kind: str, previous: dict, reference: dict) -> dict:
         """Round `number`: candidates of π_{number-1} = `current` (which the pool serves), judge, build
@@ -260,7 +260,7 @@ class _Round:
         record["entropy"] = monte_carlo_entropy([lp for s in samples for lp in s["logps"]])
         record["eval_judge_failures"] = dict(failures)
         record["eval_samples"] = str(folder / "eval_samples.jsonl")
-        if self.task is not None:
+        if self.task is not None and hasattr(self.task, "exact_metrics"):
             record.update(self._exact(model_dir))
         return record
 
@@ -321,6 +321,18 @@ def prompt_set(cfg: Config, task) -> list[list[dict[str, str]]]:
         "iterate.prompts_file",
         "the rounds need prompts: give a text file (one prompt per line) or JSONL with a 'prompt' per line",
     )
+
+
+def eval_prompt_set(cfg: Config, task, prompts: list) -> list[list[dict[str, str]]]:
+    """The per-round evaluation's prompts: iterate.eval_prompts_file, else the task's held-out prompts, else
+    the rounds' own prompt set."""
+    from spo_ray.data import read_prompts
+
+    if cfg.iterate.eval_prompts_file:
+        return read_prompts(cfg.iterate.eval_prompts_file, "iterate.eval_prompts_file", dedupe=True)
+    if task is not None and hasattr(task, "eval_prompt_messages"):
+        return task.eval_prompt_messages()
+    return prompts
 
 
 def _completed_rounds(out: Path) -> list[dict]:

@@ -7,7 +7,8 @@ A task is a module registered in `TASKS` under its `task.name`, with two functio
     run_job(cfg, callbacks) -> summary    train with the task's exact evaluation before and after
 
 and a task object with `name`, `judge()` (its exact judge, picked by `judge.name: task` or the task's name),
-`prompt_messages()` and `exact_metrics(model_dir, alpha)`. Generic code (training, data, eval, rollout)
+`prompt_messages()`, and optionally `eval_prompt_messages()` (held-out prompts of the rounds' evaluation)
+and `exact_metrics(model_dir, alpha)` (exact metrics of a model folder). Generic code (training, data, eval, rollout)
 never imports this package: the API, the commands and the iterative rounds reach a task by its name here.
 """
 
@@ -21,7 +22,10 @@ from typing import Any
 
 from spo_ray.config import Config
 
-TASKS = {"synthetic_expert": "spo_ray.tasks.synthetic_expert.job"}
+TASKS = {
+    "synthetic_expert": "spo_ray.tasks.synthetic_expert.job",
+    "arithmetic": "spo_ray.tasks.arithmetic.job",
+}
 
 
 def task_module(name: str) -> ModuleType | None:
