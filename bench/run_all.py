@@ -5,9 +5,10 @@ start fresh and free their memory): train (vs TRL and a bare PyTorch step, tiny 
 ray (real Ray Train runs, 1 vs 2 workers), online (online SPO overhead), rollout (bench_rollout.py:
 vLLM vs HF generation, weight sync vs memcpy), quality (the synthetic expert table), data
 (bench_data.py), kl_memory (bench_kl_memory.py: peak memory of the global-KL term, full logits vs
-chunked, SmolLM2); the report also carries cost_model.py's paper estimate for a 7–8B model on 8 GPUs.
-`--only a,b` runs some sections and rebuilds the report from the others' last JSON in bench/out/;
-`--report` only rebuilds the report. Budget: about 30 minutes on 2 free cores.
+chunked, SmolLM2), seqpo (bench_seqpo.py: Sequential PO's two stages vs the closed-form optimum); the
+report also carries cost_model.py's paper estimate for a 7–8B model on 8 GPUs. `--only a,b` runs some
+sections and rebuilds the report from the others' last JSON in bench/out/; `--report` only rebuilds the
+report. Budget: about 30 minutes on 2 free cores.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, OUT, machine, read_json, run_python, write_json  # noqa: E402
 from cost_model import report as cost_model_report  # noqa: E402
 
-SECTIONS = ("train", "ray", "online", "rollout", "quality", "data", "kl_memory")
+SECTIONS = ("train", "ray", "online", "rollout", "quality", "data", "kl_memory", "seqpo")
 QUALITY_STEPS = 200
 
 
@@ -95,6 +96,9 @@ def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
                 BENCH_DIR / "bench_kl_memory.py",
                 ["--reps", "1" if quick else "2", "--threads", threads, "--out", str(OUT / "kl_memory.json")],
             )
+        elif name == "seqpo":
+            steps = "100" if quick else str(QUALITY_STEPS)
+            run_python(BENCH_DIR / "bench_seqpo.py", ["--steps", steps, "--out", str(OUT / "seqpo.json")])
         log[name] = {"ok": True, "seconds": round(time.perf_counter() - started, 1)}
         log[name]["load_average_1m"] = [load_at_start, round(os.getloadavg()[0], 2)]  # at start, at end
         log[name]["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -279,11 +283,13 @@ def report(log: dict) -> None:
     quality = read_json(OUT / "quality.json") or {}
     data = read_json(OUT / "data.json") or {}
     kl_memory = read_json(OUT / "kl_memory.json") or {}
+    seqpo = read_json(OUT / "seqpo.json") or {}
     results = headline(train, ray_runs, online, rollout, quality)
     results["kl_peak_memory_ratio"] = kl_memory.get("kl_peak_memory_ratio")
     results["kl_memory"] = (
         {k: kl_memory.get(k) for k in ("model", "settings", "check")} if kl_memory else None
     )
+    results.update(seqpo_results(seqpo))
     # bench_data.py --scale (needs an older checkout, so not a section): keep its last figures
     scale = read_json(OUT / "data_scale.json") or read_json(BENCH_DIR / "results.json") or {}
     results.update({k: scale.get(k) for k in ("data_read_amplification", "resume_seconds_ratio")})
@@ -338,6 +344,7 @@ def report(log: dict) -> None:
     lines += quality_section(quality)
     lines += data_section(data)
     lines += kl_memory_section(kl_memory)
+    lines += seqpo_section(seqpo)
     lines += cost_model_report() + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += quality_plots(quality)
@@ -565,6 +572,54 @@ def kl_memory_section(kl: dict) -> list[str]:
             f"(largest {check['grad_max_abs']:.1e}); float32.",
         ]
     return lines + [""]
+
+
+def seqpo_results(seqpo: dict) -> dict:
+    """results.json keys of bench_seqpo.py (none when it has not run)."""
+    if not seqpo:
+        return {}
+    return {
+        "seqpo_tv_to_closed_form": seqpo["tv_both_stages_to_closed_form"],
+        "seqpo_tv_r2_alone_to_closed_form": seqpo["tv_r2_alone_to_closed_form"],
+        "seqpo": seqpo,
+    }
+
+
+def seqpo_section(seqpo: dict) -> list[str]:
+    """Sequential PO on two reward tables: TV of both stages and of r2 alone to the closed-form optimum."""
+    if not seqpo:
+        return []
+    st = seqpo["settings"]
+    lam, beta = st["lambda"], st["beta"]
+    er1, er2, mass = seqpo["expected_r1"], seqpo["expected_r2"], seqpo["mass_on_s"]
+    return [
+        "## Sequential PO: two preference dimensions (bench/bench_seqpo.py)",
+        "",
+        f"The synthetic expert task with two reward tables over the same S(x): r1 (the task's) and r2 (an "
+        f"independent one), {st['pairs_per_dimension']} Bradley–Terry pairs each in one file, each row labelled "
+        f"with its `dimension`. `spo-ray stages` (`loss.name=seqpo`, β={beta:g}, λ={lam:g}, "
+        f"{st['steps_per_stage']} steps per stage, offline) trains r1, then r2 from stage 1's model; "
+        f"\"r2 alone\" is DPO β={beta:g} on r2's rows from π_0, the same steps. Target: the paper's closed form "
+        f"π_2 ∝ π_1·exp((r2 + λ·r1)/β) = π_0·exp(((1+λ)·r1 + r2)/β), π_0 the fitted reference. TV on S "
+        "(renormalized), mean over prompts.",
+        "",
+        "| model | TV to closed-form π_2 ↓ | other TV | E[r1] on S | E[r2] on S | mass on S |",
+        "|---|---|---|---|---|---|",
+        f"| reference π_0 | {seqpo['tv_reference_to_closed_form']:.3f} | – | {er1['reference']:.3f} | "
+        f"{er2['reference']:.3f} | – |",
+        f"| stage 1 (r1) | – | {seqpo['tv_stage1_to_its_optimum']:.3f} to π_0·e^(r1/β) | {er1['stage1']:.3f} | "
+        f"{er2['stage1']:.3f} | {mass['stage1']:.3f} |",
+        f"| **both stages (seqpo)** | **{seqpo['tv_both_stages_to_closed_form']:.3f}** | "
+        f"{seqpo['tv_both_stages_to_optimum_from_reached_stage1']:.3f} to π_1·e^((r2+λr1)/β) from the reached π_1 | "
+        f"{er1['stage2']:.3f} | {er2['stage2']:.3f} | {mass['stage2']:.3f} |",
+        f"| r2 alone (DPO) | {seqpo['tv_r2_alone_to_closed_form']:.3f} | "
+        f"{seqpo['tv_r2_alone_to_its_own_optimum']:.3f} to π_0·e^(r2/β) | {er1['r2_alone']:.3f} | "
+        f"{er2['r2_alone']:.3f} | {mass['r2_alone']:.3f} |",
+        f"| closed form | 0 | – | {er1['closed_form']:.3f} | {er2['closed_form']:.3f} | – |",
+        "",
+        f"Wall time: stages {seqpo['wall_seconds']['stages']:.0f} s, r2 alone {seqpo['wall_seconds']['r2_alone']:.0f} s.",
+        "",
+    ]
 
 
 def data_section(data: dict) -> list[str]:

@@ -17,6 +17,7 @@ from spo_ray.losses import (
     ipo_loss,
     preference_metrics,
     rdpo_loss,
+    seqpo_loss,
     simpo_loss,
     spo_best_of_n_loss,
     spo_pair_weights,
@@ -29,7 +30,14 @@ from spo_ray.training.terms import TERMS, needs_reference, precomputable, scored
 
 B = 5
 PARAMS = LossParams(
-    alpha=0.7, beta=0.2, epsilon=0.1, gamma=0.3, eta=2.0, tdpo_alpha=0.4, pair_weight_gamma=0.6
+    alpha=0.7,
+    beta=0.2,
+    epsilon=0.1,
+    gamma=0.3,
+    eta=2.0,
+    tdpo_alpha=0.4,
+    pair_weight_gamma=0.6,
+    seqpo_lambda=0.3,
 )
 
 
@@ -49,6 +57,7 @@ def _full_terms(n: int) -> PreferenceTerms:
         win_prob=torch.rand(B, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
         prev_logps=_tensor(B, n, seed=4),
         seq_kl=-_tensor(B, n, seed=5) / 10,
+        base_logps=_tensor(B, n, seed=6),
     )
 
 
@@ -82,12 +91,18 @@ def _direct(name: str, t: PreferenceTerms, p: LossParams) -> torch.Tensor:
         )
     if name == "sppo":
         return sppo_loss(lp, t.prev_logps, t.win_prob, p.eta).mean(-1)
+    if name == "seqpo":
+        base = t.base_logps
+        return seqpo_loss(
+            lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], base[:, 0], base[:, 1], p.beta, p.seqpo_lambda
+        )
     raise AssertionError(name)
 
 
 def test_registry_holds_exactly_the_losses_of_the_spec():
     assert set(LOSSES) == {
         "spo", "spo_best_of_n", "spo_ranked", "dpo", "ipo", "cdpo", "rdpo", "simpo", "tdpo", "tdpo1", "sppo",
+        "seqpo",
     }  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from spo_ray.config.loss import LossConfig
 from spo_ray.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from spo_ray.config.output import LoggingConfig, OutputConfig
 from spo_ray.config.rollout import RolloutConfig
-from spo_ray.config.rounds import IterateConfig, JudgeConfig, TaskConfig
+from spo_ray.config.rounds import IterateConfig, JudgeConfig, StagesConfig, TaskConfig
 from spo_ray.config.train import TrainConfig
 from spo_ray.errors import ConfigError
 
@@ -41,6 +41,9 @@ class Config:
     iterate: IterateConfig = section(IterateConfig, "iterative online rounds (spo-ray iterate)")
     logging: LoggingConfig = section(LoggingConfig, "metrics and progress")
     output: OutputConfig = section(OutputConfig, "where results go")
+    stages: StagesConfig = section(
+        StagesConfig, "Sequential PO: one training stage per dimension (spo-ray stages)"
+    )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Overrides = ()) -> Config:
@@ -383,6 +386,7 @@ __all__ = [
     "TaskConfig",
     "JudgeConfig",
     "IterateConfig",
+    "StagesConfig",
     "LoggingConfig",
     "OutputConfig",
     "apply_overrides",

@@ -79,3 +79,9 @@ class DataConfig:
         "",
         "prompts for the global KL regularizer (text, one per line, or JSONL with 'prompt'); empty: the training prompts",
     )
+    dimension: str = option(
+        "",
+        "keep only rows labelled with this preference dimension: a row's 'dimension' (string) or 'dimensions' "
+        "(list); a row with neither, or a bad one, is a bad row (data.on_bad_rows); empty: all rows, labels "
+        "unread. Sequential PO's `spo-ray stages` sets it per stage",
+    )

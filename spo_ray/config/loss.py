@@ -13,7 +13,7 @@ class LossConfig:
     name: str = option(
         "spo",
         "preference loss from the registry: spo, spo_best_of_n, spo_ranked, dpo, ipo, cdpo, rdpo, simpo, tdpo, "
-        "tdpo1, sppo",
+        "tdpo1, sppo, seqpo",
     )
     alpha: float = option(
         1.0, "SPO softmax exponent; SPO converges to softmax(r/alpha) on compared responses", gt=0
@@ -51,4 +51,17 @@ class LossConfig:
         "spo: pair weight exponent; each pair counts mu = exp(gamma * (l - batch mean of l)), l the model's "
         "detached per-token log-likelihood of the pair (README, SPO pair weighting); 0 is plain SPO",
         ge=0,
+    )
+    seqpo_lambda: float = option(
+        1.0,
+        "seqpo (Sequential PO): weight lambda of the earlier stages' implicit reward in stage k's loss; the "
+        "stage optimum is pi_{k-1} * exp((r_k + lambda * r_<k) / beta) (README, Sequential PO); 0: plain "
+        "sequential DPO",
+        ge=0,
+    )
+    seqpo_base_path: str = option(
+        "",
+        "seqpo: the first stage's starting model pi_0 (a model folder); the earlier stages' reward is "
+        "beta * (lp_{k-1} - lp_0), lp_{k-1} the reference; empty: the reference itself (stage 1: plain DPO). "
+        "`spo-ray stages` sets it",
     )

@@ -96,3 +96,15 @@ class IterateConfig:
     )
     eval_samples: int = option(4, "samples per eval prompt from each round's policy", ge=1)
     seed: int = option(0, "seed of prompt sampling, candidate sampling and sampled labels")
+
+
+@dataclass
+class StagesConfig:
+    dimensions: list[str] = option(
+        [],
+        "spo-ray stages (Sequential PO): the preference dimensions in training order, e.g. [helpful, harmless]; "
+        "stage k trains on the rows labelled dimensions[k-1] (data.dimension), from stage k-1's final model",
+    )
+    steps: list[int] = option(
+        [], "optimizer steps of each stage, one per dimension; empty: train.max_steps for every stage"
+    )

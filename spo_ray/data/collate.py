@@ -31,6 +31,7 @@ class PreferenceBatch:
     ref_logps: torch.Tensor | None = None  # [B, n] precomputed reference log-probs (train/reference.py)
     prev_logps: torch.Tensor | None = None  # [B, n] SPPO: log-probs under the round's start policy π_t
     win_prob: torch.Tensor | None = None  # [B, n] SPPO: the judge's P̂(y ≻ π_t | x)
+    base_logps: torch.Tensor | None = None  # [B, n] seqpo: log-probs under the first stage's start π_0
     packed: bool = False
 
     @property
@@ -77,7 +78,7 @@ def collate_preference_batch(
     extra = {}
     if "epoch_position" in rows:
         extra["epoch_positions"] = torch.from_numpy(_ids(rows["epoch_position"]))
-    for column in ("ref_logps", "prev_logps", "win_prob"):  # optional per-response floats
+    for column in ("ref_logps", "prev_logps", "win_prob", "base_logps"):  # optional per-response floats
         if column in rows:
             values = [np.asarray(r, dtype=np.float64) for r in rows[column]]
             if any(v.shape != (n,) for v in values):

@@ -195,6 +195,7 @@ def _settings(data_cfg: DataConfig) -> dict[str, Any]:
         "mixture": [entry.weight for entry in data_cfg.sources],
         "mixture_size": data_cfg.mixture_size,
         "mixture_seed": data_cfg.shuffle_seed if data_cfg.sources else None,
+        **({"dimension": data_cfg.dimension} if data_cfg.dimension else {}),  # old cache keys stay valid
     }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from spo_ray.data.schema import Example, RowProblem, normalize_row
+from spo_ray.data.schema import Example, RowProblem, normalize_row, row_dimensions
 from spo_ray.data.sources import Chunk, RawRow, iter_chunk_rows
 from spo_ray.data.templating import Templater
 
@@ -46,16 +46,24 @@ def rename_columns(value: Any, columns: dict[str, str], key: str = "data.columns
 
 
 def iter_examples(
-    raw_rows: Iterator[RawRow], fmt: str, columns: dict[str, str] | None = None, key: str = "data.columns"
-) -> Iterator[tuple[RawRow, Example | RowProblem]]:
+    raw_rows: Iterator[RawRow],
+    fmt: str,
+    columns: dict[str, str] | None = None,
+    key: str = "data.columns",
+    dimension: str = "",
+) -> Iterator[tuple[RawRow, Example | RowProblem | None]]:
     """Each raw row (its columns renamed per `columns`) with its normalized Example, or the RowProblem
-    that keeps it out."""
+    that keeps it out; with `dimension` (data.dimension) rows labelled with other dimensions give None."""
     for raw in raw_rows:
         if raw.problem is not None:
             yield raw, raw.problem
             continue
         try:
-            yield raw, normalize_row(rename_columns(raw.value, columns or {}, key), fmt)
+            row = rename_columns(raw.value, columns or {}, key)
+            if dimension and dimension not in row_dimensions(row):
+                yield raw, None
+                continue
+            yield raw, normalize_row(row, fmt)
         except RowProblem as problem:
             yield raw, problem
 
@@ -83,6 +91,7 @@ class ChunkResult:
     truncated: int = 0  # rows whose prompt was cut from the left
     responses_truncated: int = 0  # rows whose responses were cut to fit max_length
     fatal: bool = False  # a bad row that stops the run (see `is_fatal`) was met
+    other_dimension: int = 0  # rows labelled with dimensions other than data.dimension (left out)
     bad: Counter = field(default_factory=Counter)
     problems: list[Problem] = field(default_factory=list)
     part: str | None = None  # the Arrow IPC file of the good rows (None: no good row)
@@ -223,8 +232,12 @@ def process_chunk(chunk: Chunk, settings: dict[str, Any]) -> ChunkResult:
 
     try:
         key, columns = settings.get("columns", {}).get(str(chunk.group), ("data.columns", {}))
-        for raw, item in iter_examples(iter_chunk_rows(chunk), settings["format"], columns, key):
+        dimension = settings.get("dimension", "")
+        for raw, item in iter_examples(iter_chunk_rows(chunk), settings["format"], columns, key, dimension):
             result.read += 1
+            if item is None:  # another dimension's row (Sequential PO stages train one dimension each)
+                result.other_dimension += 1
+                continue
             if isinstance(item, Example):
                 item = check_count(item, settings["num_responses"]) or item
             pending.append((raw, item))

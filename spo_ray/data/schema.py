@@ -23,6 +23,7 @@ REASONS: dict[str, str] = {
     "wrong_count": "number of responses differs from the dataset's",
     "too_long": "too long for data.max_length",
     "identical_after_truncation": "responses identical once cut to data.max_length",
+    "bad_dimension": "no usable preference dimension label",
 }
 
 ROLES = ("system", "user", "assistant")
@@ -391,3 +392,29 @@ def normalize_row(row: Any, fmt: str = "auto") -> Example:
     if not isinstance(row, dict):
         raise RowProblem("<row>", "wrong_type", f"expected an object with fields, got {_kind(row)}")
     return NORMALIZERS[detect_format(row) if fmt == "auto" else fmt](row)
+
+
+def row_dimensions(row: Any) -> list[str]:
+    """The preference dimensions a row's pair is labelled with (Sequential PO, `data.dimension`): its
+    `dimension` (a string) or `dimensions` (a list of strings: one pair judged the same way on several)."""
+    if not isinstance(row, dict) or (row.get("dimension") is None and row.get("dimensions") is None):
+        have = ", ".join(sorted(map(str, row))) if isinstance(row, dict) else _kind(row)
+        raise RowProblem(
+            "dimension",
+            "bad_dimension",
+            "data.dimension selects rows by their 'dimension' label (a string) or 'dimensions' (a list of "
+            f"strings); this row has neither (keys: {have})",
+        )
+    if row.get("dimension") is not None:
+        value = row["dimension"]
+        if not isinstance(value, str) or not value.strip():
+            raise RowProblem("dimension", "bad_dimension", f"expected a non-empty string, got {value!r:.80}")
+        return [value]
+    value = row["dimensions"]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise RowProblem(
+            "dimensions",
+            "bad_dimension",
+            f"expected a non-empty list of non-empty strings, got {value!r:.80}",
+        )
+    return list(value)

@@ -18,6 +18,7 @@ from spo_ray.losses.dpo_family import (
     dpo_loss,
     ipo_loss,
     rdpo_loss,
+    seqpo_loss,
     simpo_loss,
     sppo_loss,
     tdpo_loss,
@@ -39,6 +40,7 @@ class PreferenceTerms:
     win_prob: torch.Tensor | None = None  # [B, n] judge's P̂(y ≻ π_t | x) per response (SPPO)
     prev_logps: torch.Tensor | None = None  # [B, n] lp_t under the previous round's policy (SPPO)
     seq_kl: torch.Tensor | None = None  # [B, n] SeqKL = Σ_t KL(π_ref ‖ π_θ) per response (TDPO)
+    base_logps: torch.Tensor | None = None  # [B, n] lp_0 under the first stage's starting model (seqpo)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class LossParams:
     tdpo_alpha: float = 0.5  # TDPO2's weight of the SeqKL gap (the official default)
     ipo_length_normalize: bool = True  # IPO log-ratios per token (TRL) instead of per sequence
     pair_weight_gamma: float = 0.0  # SPO pair weight exponent γ (0: plain SPO); not SimPO's `gamma`
+    seqpo_lambda: float = 1.0  # seqpo: weight λ of the earlier stages' implicit reward
 
     @classmethod
     def from_config(cls, loss_cfg: object) -> LossParams:
@@ -63,6 +66,8 @@ class LossParams:
         for name in ("alpha", "beta", "eta", "tdpo_alpha"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LossParams.{name} must be > 0, got {getattr(self, name)}")
+        if not self.seqpo_lambda >= 0:
+            raise ValueError(f"LossParams.seqpo_lambda must be >= 0, got {self.seqpo_lambda}")
         if not self.pair_weight_gamma >= 0:
             raise ValueError(f"LossParams.pair_weight_gamma must be >= 0, got {self.pair_weight_gamma}")
         if not 0.0 <= self.epsilon < 0.5:
@@ -188,6 +193,20 @@ _SPECS = (
             p.beta,
             alpha=1.0,
             stop_grad_chosen=False,
+        ),
+    ),
+    # Sequential PO: stage k's reference is π_{k−1}; base_logps (π_0) carries the earlier stages' reward
+    LossSpec(
+        "seqpo",
+        seqpo_loss,
+        "pairwise",
+        ("ref_logps", "base_logps"),
+        lambda t, p: seqpo_loss(
+            *_pairwise(t.policy_logps),
+            *_pairwise(t.ref_logps),
+            *_pairwise(t.base_logps),
+            p.beta,
+            p.seqpo_lambda,
         ),
     ),
     # SPPO scores each response on its own; a prompt's loss is the mean over its n responses.

@@ -39,7 +39,7 @@ from spo_ray.training.loop import train_loop_per_worker
 from spo_ray.training.metrics import EVAL_PREFIX, read_metrics
 from spo_ray.training.reference import add_reference_logps
 from spo_ray.training.resources import FirstStepWatch, check_cluster_resources
-from spo_ray.training.terms import needs_reference, precomputable, scored_at_start
+from spo_ray.training.terms import needs_reference, precomputable, scored_at_start, scored_with_base
 
 RUN_NAME = "ray_train"
 
@@ -197,6 +197,20 @@ def prepare_training_data(cfg: Config, model_dir: str, reference_dir: str, work:
     for column in scored_at_start(spec):  # e.g. SPPO's prev_logps: lp_t(y) under this round's start policy
         prepared = add_reference_logps(
             prepared, model_dir, cfg.model.dtype, work / column, column=column, **scoring_actors(cfg)
+        )
+    for column in scored_with_base(spec):  # seqpo's base_logps: lp_0 under the first stage's start model
+        if cfg.loss.seqpo_base_path and not Path(cfg.loss.seqpo_base_path).is_dir():
+            raise ConfigError(
+                "loss.seqpo_base_path",
+                f"{cfg.loss.seqpo_base_path!r} is not a model folder; give the first stage's starting model",
+            )
+        prepared = add_reference_logps(
+            prepared,
+            cfg.loss.seqpo_base_path or reference_dir,
+            cfg.model.dtype,
+            work / column,
+            column=column,
+            **scoring_actors(cfg),
         )
     return prepared, bool(precomputed)
 

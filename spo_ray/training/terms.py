@@ -94,6 +94,7 @@ class Term:
     precomputable: bool = False  # `train.precompute_ref_logps` may score it once before training
     scored_at_start: bool = False  # the runner always scores it with the run's starting policy π_t
     column: bool = False  # carried by the data's rows (scored or judged before training)
+    scored_with_base: bool = False  # the runner scores it with `loss.seqpo_base_path` (else the reference)
 
 
 TERMS: dict[str, Term] = {
@@ -106,6 +107,8 @@ TERMS: dict[str, Term] = {
     "ranking": Term(lambda f: f.batch.ranking),
     "prev_logps": Term(lambda f: f.column("prev_logps"), scored_at_start=True, column=True),  # SPPO's lp_t
     "win_prob": Term(lambda f: f.column("win_prob"), column=True),  # SPPO: judged before the round
+    # seqpo's lp_0 under the first stage's starting model, scored once before each stage's training
+    "base_logps": Term(lambda f: f.column("base_logps"), column=True, scored_with_base=True),
 }
 
 
@@ -126,6 +129,11 @@ def precomputable(spec: LossSpec) -> bool:
 def scored_at_start(spec: LossSpec) -> list[str]:
     """The columns the runner scores with the run's starting policy before training (SPPO's prev_logps)."""
     return [name for name in spec.required_terms if TERMS[name].scored_at_start]
+
+
+def scored_with_base(spec: LossSpec) -> list[str]:
+    """The columns the runner scores with `loss.seqpo_base_path` before training (seqpo's base_logps)."""
+    return [name for name in spec.required_terms if TERMS[name].scored_with_base]
 
 
 def carries_columns(spec: LossSpec, batch: PreferenceBatch) -> bool:
