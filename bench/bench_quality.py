@@ -25,7 +25,8 @@ from common import BENCH_DIR, OUT, REPO, write_json  # noqa: E402
 
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
-# name -> (label, overrides). Offline unless the name ends in "_online". β of the DPO family is
+# name -> (label, overrides). Offline unless the name ends in "_online"; rows with loss.kl_on=dataset keep
+# the config's c_KL on the rows' own responses (no rollout). β of the DPO family is
 # loss.beta; SimPO's scale is β=2 with margin γ=0.5 (its paper's range); rDPO assumes 10% flips.
 METHODS: dict[str, tuple[str, list[str]]] = {
     "spo_a0.5": ("SPO α=0.5", ["loss.name=spo", "loss.alpha=0.5"]),
@@ -41,6 +42,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "simpo": ("SimPO β=2 γ=0.5", ["loss.name=simpo", "loss.beta=2.0", "loss.gamma=0.5"]),
     "rdpo_b0.1": ("rDPO β=0.1 ε=0.1", ["loss.name=rdpo", "loss.beta=0.1", "loss.epsilon=0.1"]),
     "spo_a1_online": ("SPO α=1 online", ["loss.name=spo", "loss.alpha=1.0"]),
+    # the same KL estimator and c_KL as spo_a1_online, on the rows' own responses (issue 17 item 2)
+    "spo_a1_datakl": ("SPO α=1 in-dataset KL", ["loss.name=spo", "loss.alpha=1.0", "loss.kl_on=dataset"]),
 }
 
 
@@ -117,7 +120,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         label, overrides = METHODS[name]
         online = name.endswith("_online")
         run_overrides = common + overrides + [f"output.dir={out_dir / name}"]
-        if not online:
+        if not online and "loss.kl_on=dataset" not in overrides:
             run_overrides.append("loss.kl_coef=0")
         cfg = load_config(CONFIG, run_overrides)
         shutil.rmtree(
@@ -136,6 +139,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             "alpha_target": alpha,
             "online": online,
             "kl_coef": cfg.loss.kl_coef,
+            "kl_on": cfg.loss.kl_on,
             "beta": cfg.loss.beta,
             "tv_to_target": metrics["tv_to_target"],
             "tv_to_dpo_optimum": metrics["tv_to_dpo_optimum"],
