@@ -34,7 +34,7 @@ def resources_asked(cfg: Config) -> list[tuple[str, str, float, float]]:
             (
                 "rollout.num_actors",
                 f"rollout engines (rollout.num_actors={r.num_actors} x rollout.num_cpus_per_actor="
-                f"{r.num_cpus_per_actor:g}, started as loss.kl_coef > 0)",
+                f"{r.num_cpus_per_actor:g}, started as loss.kl_coef > 0, kl_on=online)",
                 r.num_actors * r.num_cpus_per_actor,
                 r.num_actors * r.num_gpus_per_actor,
             )
