@@ -64,7 +64,7 @@ class LossConfig:
         ge=0,
     )
     alpha_lr: float = option(
-        0.05,
+        0.02,
         "loss.target_entropy: step size of the dual ascent on log alpha, per optimizer step and nat of gap",
         gt=0,
     )
