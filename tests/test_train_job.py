@@ -95,7 +95,7 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
 
     assert rows[0]["alpha"] == 1.0 and all(r["entropy/response"] > 0 for r in rows)
     for before, after in zip(rows, rows[1:]):
-        expected = dual_ascent_alpha(before["alpha"], 0.5, before["entropy/response"], 0.2)
+        expected = dual_ascent_alpha(before["alpha"], 0.5, before["entropy/response"], 0.005)
         assert after["alpha"] == pytest.approx(expected, rel=1e-6)
     assert len({round(r["alpha"], 6) for r in rows}) == len(rows)  # it moved every step
     # the final evaluation is the TRL metrics of the final model against the reference on the eval rows
@@ -116,7 +116,7 @@ EVAL_AND_SAMPLES = [
     "logging.samples_every=2",
     "logging.num_samples=2",
     "loss.target_entropy=0.5",  # α adapts each step (loss.alpha_lr), checkpointed with the state
-    "loss.alpha_lr=0.2",
+    "loss.alpha_lr=0.005",  # small enough that α never reaches its clamp in 9 steps
 ]
 
 
