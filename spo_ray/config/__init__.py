@@ -23,6 +23,7 @@ from spo_ray.config.fields import option, section
 from spo_ray.config.loss import LossConfig
 from spo_ray.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from spo_ray.config.output import LoggingConfig, OutputConfig
+from spo_ray.config.regularizer import check_regularizer, draws_online_samples
 from spo_ray.config.rollout import RolloutConfig
 from spo_ray.config.rounds import IterateConfig, JudgeConfig, TaskConfig
 from spo_ray.config.train import TrainConfig
@@ -251,7 +252,7 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             "loss.pair_weight_gamma",
             f"weights the pairs of loss.name=spo only, not {cfg.loss.name}; set it to 0 or use loss.name=spo",
         )
-    _check_regularizer(cfg)
+    check_regularizer(cfg)
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",
@@ -282,33 +283,6 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         if missing:
             raise missing[0]
     return cfg
-
-
-def draws_online_samples(cfg: Config) -> bool:
-    """Whether the run samples from the policy online (and so starts a rollout pool): the KL regularizer is on
-    (loss.kl_coef > 0) and taken on the policy's own samples (loss.kl_on=online)."""
-    return cfg.loss.kl_coef > 0 and cfg.loss.kl_on == "online"
-
-
-def _check_regularizer(cfg: Config) -> None:
-    """loss.kl_on and loss.target_entropy against the rest of loss:."""
-    loss = cfg.loss
-    if loss.kl_on == "dataset" and loss.kl_coef == 0:
-        raise ConfigError(
-            "loss.kl_on", "dataset takes the KL regularizer on the rows' responses; set loss.kl_coef > 0 too"
-        )
-    if loss.target_entropy > 0:
-        if not loss.name.startswith("spo"):
-            raise ConfigError(
-                "loss.target_entropy",
-                f"adapts SPO's alpha, and loss.name={loss.name} has none; use an SPO loss or set it to 0",
-            )
-        if not draws_online_samples(cfg):
-            raise ConfigError(
-                "loss.target_entropy",
-                "is measured on the policy's online samples: set loss.kl_coef > 0 and loss.kl_on=online "
-                f"(now kl_coef={loss.kl_coef:g}, kl_on={loss.kl_on}), or set it to 0",
-            )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
