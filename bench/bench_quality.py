@@ -25,7 +25,8 @@ from common import BENCH_DIR, OUT, REPO, write_json  # noqa: E402
 
 CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 
-# name -> (label, overrides). Offline unless the name ends in "_online". β of the DPO family is
+# name -> (label, overrides). Offline unless the name ends in "_online"; rows with loss.kl_on=dataset keep
+# the config's c_KL on the rows' own responses (no rollout). β of the DPO family is
 # loss.beta; SimPO's scale is β=2 with margin γ=0.5 (its paper's range); rDPO assumes 10% flips.
 METHODS: dict[str, tuple[str, list[str]]] = {
     "spo_a0.5": ("SPO α=0.5", ["loss.name=spo", "loss.alpha=0.5"]),
@@ -41,6 +42,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "simpo": ("SimPO β=2 γ=0.5", ["loss.name=simpo", "loss.beta=2.0", "loss.gamma=0.5"]),
     "rdpo_b0.1": ("rDPO β=0.1 ε=0.1", ["loss.name=rdpo", "loss.beta=0.1", "loss.epsilon=0.1"]),
     "spo_a1_online": ("SPO α=1 online", ["loss.name=spo", "loss.alpha=1.0"]),
+    # the same KL estimator and c_KL as spo_a1_online, on the rows' own responses (issue 17 item 2)
+    "spo_a1_datakl": ("SPO α=1 in-dataset KL", ["loss.name=spo", "loss.alpha=1.0", "loss.kl_on=dataset"]),
+    # loss.target_entropy (issue 17 item 5): α adapts from 1 toward each target; scored at the final α*
+    **{
+        f"spo_h{target}_online": (
+            f"SPO target entropy {target} online",
+            ["loss.name=spo", "loss.alpha=1.0", f"loss.target_entropy={target}"],
+        )
+        for target in (1.1, 0.8, 0.5)
+    },
 }
 
 
@@ -117,7 +128,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         label, overrides = METHODS[name]
         online = name.endswith("_online")
         run_overrides = common + overrides + [f"output.dir={out_dir / name}"]
-        if not online:
+        if not online and "loss.kl_on=dataset" not in overrides:
             run_overrides.append("loss.kl_coef=0")
         cfg = load_config(CONFIG, run_overrides)
         shutil.rmtree(
@@ -127,8 +138,27 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
         summary = expert_job.run_job(cfg, task_root=task_root)
         wall = time.perf_counter() - started
         alpha = method_alpha(overrides)
-        metrics = evaluate(summary["final_model"], task, alpha, cfg.loss.beta, reference)
         steps = read_metrics(out_dir / name)
+        dial = {}
+        if cfg.loss.target_entropy > 0:  # scored against softmax(r/α*) at the α the run ended with
+            from spo_ray.training.entropy_dial import dual_ascent_alpha
+
+            last = steps[-1]
+            alpha = dual_ascent_alpha(
+                last["alpha"], cfg.loss.target_entropy, last["entropy/response"], cfg.loss.alpha_lr
+            )
+            tail = [m["entropy/response"] for m in steps[-20:]]
+            best = empirical_optimum(task, rows, alpha)
+            dial = {
+                "entropy_target": cfg.loss.target_entropy,
+                "alpha_final": alpha,
+                "alpha_every_25_steps": [round(m["alpha"], 4) for m in steps[::25]],
+                "online_entropy_last20": sum(tail) / len(tail),
+                "data_floor_tv_at_alpha_final": float(
+                    (0.5 * (best - task.target_distribution(alpha)).abs().sum(-1)).mean()
+                ),
+            }
+        metrics = evaluate(summary["final_model"], task, alpha, cfg.loss.beta, reference)
         step_seconds = sorted(m["step_seconds"] for m in steps[5:] if "step_seconds" in m)
         result["rows"][name] = {
             "label": label,
@@ -136,6 +166,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             "alpha_target": alpha,
             "online": online,
             "kl_coef": cfg.loss.kl_coef,
+            "kl_on": cfg.loss.kl_on,
             "beta": cfg.loss.beta,
             "tv_to_target": metrics["tv_to_target"],
             "tv_to_dpo_optimum": metrics["tv_to_dpo_optimum"],
@@ -148,6 +179,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             "distribution_on_s": metrics["distribution_on_s"],
             "median_step_seconds": step_seconds[len(step_seconds) // 2] if step_seconds else None,
             "wall_seconds": round(wall, 1),
+            **dial,
         }
         print(
             name,

@@ -69,6 +69,13 @@ def test_integer_is_accepted_where_a_float_is_expected(tmp_path):
             "loss.name=spo only",
         ),
         (["loss.name=dpo", "loss.pair_weight_gamma=1"], "loss.pair_weight_gamma", "loss.name=spo only"),
+        (["loss.kl_on=prompts"], "loss.kl_on", "not one of"),
+        (["loss.kl_on=dataset", "loss.kl_coef=0"], "loss.kl_on", "loss.kl_coef > 0"),
+        (["loss.target_entropy=-1"], "loss.target_entropy", "at least 0"),
+        (["loss.alpha_lr=0"], "loss.alpha_lr", "greater than 0"),
+        (["loss.name=dpo", "loss.target_entropy=1"], "loss.target_entropy", "an SPO loss"),
+        (["loss.target_entropy=1", "loss.kl_coef=0"], "loss.target_entropy", "kl_on=online"),
+        (["loss.target_entropy=1", "loss.kl_on=dataset"], "loss.target_entropy", "online samples"),
         (["data.train_files=[/no/such/file.jsonl]"], "data.train_files[0]", "does not exist"),
         (["model.path=/no/such/model"], "model.path", "does not exist"),
         (["data.max_prompt_length=600"], "data.max_prompt_length", "no room"),
@@ -166,3 +173,16 @@ TINY_STEP_S = 1.0
 def test_the_tiny_recipes_checkpoint_often_enough_that_a_stopped_run_loses_under_a_minute(recipe):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / recipe)
     assert 0 < cfg.train.checkpoint_every * TINY_STEP_S <= 60
+
+
+def test_in_dataset_kl_needs_no_rollout_and_the_global_kl_does():
+    from spo_ray.config import draws_online_samples
+    from spo_ray.training.runner import local_cpus_needed
+
+    online = load_config(None, ["loss.kl_coef=0.1"])
+    dataset = load_config(None, ["loss.kl_coef=0.1", "loss.kl_on=dataset"])
+    offline = load_config(None, ["loss.kl_coef=0"])
+    assert draws_online_samples(online) and not draws_online_samples(dataset)
+    assert not draws_online_samples(offline)
+    assert local_cpus_needed(dataset) == local_cpus_needed(offline) < local_cpus_needed(online)
+    assert load_config(None, ["loss.target_entropy=1.1", "loss.name=spo_ranked"]).loss.target_entropy == 1.1

@@ -89,6 +89,15 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
     assert all(evals[step]["eval/rows"] == 40 for step in (4, 6, 8, 9))
     assert first["eval"] == evals[6] and second["eval"] == evals[9]
     assert all("logps/chosen" in r and "entropy/samples" in r and r["kl/samples"] >= 0 for r in rows)
+    # loss.target_entropy: every step logs the α it used; the next step's is one dual-ascent step on from it,
+    # across the resume too (step 7 starts from the α saved with step 6's checkpoint)
+    from spo_ray.training.entropy_dial import dual_ascent_alpha
+
+    assert rows[0]["alpha"] == 1.0 and all(r["entropy/response"] > 0 for r in rows)
+    for before, after in zip(rows, rows[1:]):
+        expected = dual_ascent_alpha(before["alpha"], 0.5, before["entropy/response"], 0.005)
+        assert after["alpha"] == pytest.approx(expected, rel=1e-6)
+    assert len({round(r["alpha"], 6) for r in rows}) == len(rows)  # it moved every step
     # the final evaluation is the TRL metrics of the final model against the reference on the eval rows
     direct = eval_metrics_of(out / "final", json.loads((out / "config.json").read_text()), out)
     for name, value in direct.items():
@@ -106,6 +115,8 @@ EVAL_AND_SAMPLES = [
     "train.eval_every=4",
     "logging.samples_every=2",
     "logging.num_samples=2",
+    "loss.target_entropy=0.5",  # α adapts each step (loss.alpha_lr), checkpointed with the state
+    "loss.alpha_lr=0.005",  # small enough that α never reaches its clamp in 9 steps
 ]
 
 

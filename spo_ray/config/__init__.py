@@ -23,6 +23,7 @@ from spo_ray.config.fields import option, section
 from spo_ray.config.loss import LossConfig
 from spo_ray.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from spo_ray.config.output import LoggingConfig, OutputConfig
+from spo_ray.config.regularizer import check_regularizer, draws_online_samples
 from spo_ray.config.rollout import RolloutConfig
 from spo_ray.config.rounds import IterateConfig, JudgeConfig, StagesConfig, TaskConfig
 from spo_ray.config.train import TrainConfig
@@ -254,6 +255,7 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             "loss.pair_weight_gamma",
             f"weights the pairs of loss.name=spo only, not {cfg.loss.name}; set it to 0 or use loss.name=spo",
         )
+    check_regularizer(cfg)
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",
@@ -270,7 +272,7 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         if amount <= 0:
             raise ConfigError(f"rollout.resources.{name}", f"{amount!r} must be greater than 0")
     needed_lag = cfg.rollout.sync_every - 1 + int(cfg.rollout.overlap)
-    if cfg.loss.kl_coef > 0 and cfg.rollout.max_policy_lag < needed_lag:
+    if draws_online_samples(cfg) and cfg.rollout.max_policy_lag < needed_lag:
         raise ConfigError(
             "rollout.max_policy_lag",
             f"{cfg.rollout.max_policy_lag} is below the lag that sync_every={cfg.rollout.sync_every} and "

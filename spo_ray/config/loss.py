@@ -65,3 +65,19 @@ class LossConfig:
         "beta * (lp_{k-1} - lp_0), lp_{k-1} the reference; empty: the reference itself (stage 1: plain DPO). "
         "`spo-ray stages` sets it",
     )
+    kl_on: Literal["online", "dataset"] = option(
+        "online",
+        "where the KL regularizer (kl_coef, kl_estimator) is taken: online = the policy's own vLLM samples "
+        "(SPO's global KL); dataset = the preference rows' own responses, chosen and rejected (no rollout pool)",
+    )
+    target_entropy: float = option(
+        0.0,
+        "SPO family: nats per response wanted of the online samples; alpha adapts by dual ascent, log alpha += "
+        "alpha_lr * (target - measured), from loss.alpha; needs kl_coef > 0, kl_on=online; 0: off, alpha fixed",
+        ge=0,
+    )
+    alpha_lr: float = option(
+        0.02,
+        "loss.target_entropy: step size of the dual ascent on log alpha, per optimizer step and nat of gap",
+        gt=0,
+    )

@@ -25,7 +25,7 @@ class LoggingConfig:
     samples_every: int = option(
         0,
         "every this many steps write a few of the policy's online samples to samples.jsonl and a wandb Table "
-        "(needs the rollout: loss.kl_coef > 0); 0: off",
+        "(needs the rollout: loss.kl_coef > 0, loss.kl_on=online); 0: off",
         ge=0,
     )
     num_samples: int = option(

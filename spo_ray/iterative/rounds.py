@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from spo_ray.config import Config, TaskConfig, config_to_dict
+from spo_ray.config import Config, TaskConfig, config_to_dict, draws_online_samples
 from spo_ray.errors import ConfigError
 from spo_ray.eval.win_rate import head_to_head, mean_score, monte_carlo_entropy
 from spo_ray.iterative.examples import LOSS_KIND_OF_EXAMPLES, JudgedPrompt, build_examples
@@ -229,7 +229,7 @@ class _Round:
         )
         for callback in self.callbacks:
             callback.round = number  # the round whose steps (counted from 1) the callback is about to see
-        pool = self.pool if cfg.loss.kl_coef > 0 else None
+        pool = self.pool if draws_online_samples(cfg) else None
         return run_training(round_cfg, rollout_pool=pool, callbacks=self.callbacks)
 
     # -- metrics ------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def _example_kind(cfg: Config) -> str:
 
 def _extra_cpus(cfg: Config) -> float:
     """CPUs beyond the training run's own: the candidate pool when training runs offline, judge actors."""
-    rollout = 0.0 if cfg.loss.kl_coef > 0 else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
+    rollout = 0.0 if draws_online_samples(cfg) else cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
     exact = cfg.judge.name in ("task", cfg.task.name)  # a built-in task's judge runs in the driver
     judge = 0.0 if exact else cfg.judge.num_actors * cfg.judge.num_cpus_per_actor
     return rollout + judge

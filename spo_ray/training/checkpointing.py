@@ -46,6 +46,7 @@ class TrainState:
     epoch: int = 0
     consumed_in_epoch: int = 0  # examples of `epoch` already trained on, across all ranks
     policy_version: int = 0  # version of the weights last synced to the rollout actors
+    alpha: float = 0.0  # SPO's α as loss.target_entropy adapted it (0: not adapted, loss.alpha holds)
 
 
 def capture_rng() -> dict:

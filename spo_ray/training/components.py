@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spo_ray.config import Config
+from spo_ray.config import Config, draws_online_samples
 from spo_ray.losses import LossParams, get_loss
 from spo_ray.models.loading import (
     enable_gradient_checkpointing,
@@ -57,6 +57,7 @@ def build_models(cfg: Config, loop_config: dict, worker: Worker):
         kl_estimator=cfg.loss.kl_estimator,
         importance_clip=cfg.rollout.importance_clip,
         compute_dtype=torch.bfloat16 if mixed else None,
+        kl_on=cfg.loss.kl_on,
     )
     return ctx, optimizer, scheduler
 
@@ -81,7 +82,7 @@ def build_online(
     cfg: Config, loop_config: dict, worker: Worker, model, state: TrainState
 ) -> OnlineSampler | None:
     """The online sampler of the global KL regularizer (None without it), serving the weights of `state`."""
-    if cfg.loss.kl_coef == 0 or loop_config.get("rollout_pool") is None:
+    if not draws_online_samples(cfg) or loop_config.get("rollout_pool") is None:
         return None
     online = OnlineSampler(
         loop_config["rollout_pool"],

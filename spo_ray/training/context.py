@@ -24,6 +24,7 @@ class StepContext:
     kl_estimator: str
     importance_clip: float
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards (bf16); None: the weights' own
+    kl_on: str = "online"  # where the KL is taken: "online" samples, or the "dataset"'s own responses
 
     def autocast(self) -> AbstractContextManager:
         """Mixed precision for model forwards only: the loss math after them runs in float32, outside it."""

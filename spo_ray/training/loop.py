@@ -17,6 +17,7 @@ from spo_ray.training.batches import batch_stream
 from spo_ray.training.checkpointing import CheckpointStore, TrainState
 from spo_ray.training.components import RunLogs, build_evaluator, build_models, build_online, restore
 from spo_ray.training.context import StepContext
+from spo_ray.training.entropy_dial import adapt_alpha, restore_alpha
 from spo_ray.training.evaluation import eval_due
 from spo_ray.training.online import OnlineSampler
 from spo_ray.training.parallel import clip_grad_norm, gradient_sync
@@ -34,6 +35,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     ctx, optimizer, scheduler = build_models(cfg, loop_config, worker)
     store = CheckpointStore(loop_config["checkpoint_root"], hashes=False)
     state = restore(store, loop_config["resume_from"], worker, ctx.policy, optimizer, scheduler)
+    restore_alpha(ctx, state, cfg.loss.target_entropy)
     online = build_online(cfg, loop_config, worker, ctx.policy, state)
     evaluator = build_evaluator(cfg, loop_config, worker, ctx)
     logs = RunLogs.open(cfg, loop_config, worker, state.step, online=online is not None)
@@ -130,7 +132,8 @@ def train_step(
         sync_bytes_other_nodes=float(synced.get("bytes_to_other_nodes", 0)),
         stale_resamples=float(online.stale_resamples if online else 0),
     )
-    metrics = worker.reduce(totals)
+    metrics = worker.reduce(totals)  # the same values on every rank: α moves in step everywhere
+    adapt_alpha(ctx, state, metrics, cfg.loss.target_entropy, cfg.loss.alpha_lr)
     metrics.update(data_epoch=float(state.epoch), data_consumed=float(state.consumed_in_epoch))
     metrics["tokens_per_s"] = metrics.pop("tokens") * worker.world / elapsed
     metrics["pairs_per_s"] = cfg.train.batch_size * accum * worker.world / elapsed

@@ -9,7 +9,7 @@ import time
 import ray
 
 from spo_ray import storage
-from spo_ray.config import Config
+from spo_ray.config import Config, draws_online_samples
 from spo_ray.errors import ConfigError
 
 DATA_TASK_CPUS = 1  # the least Ray Data's read/tokenize tasks need beside the trainers and engines
@@ -29,12 +29,12 @@ def resources_asked(cfg: Config) -> list[tuple[str, str, float, float]]:
             float(t.num_workers) if t.use_gpu else 0.0,
         )
     ]
-    if cfg.loss.kl_coef > 0:
+    if draws_online_samples(cfg):
         parts.append(
             (
                 "rollout.num_actors",
                 f"rollout engines (rollout.num_actors={r.num_actors} x rollout.num_cpus_per_actor="
-                f"{r.num_cpus_per_actor:g}, started as loss.kl_coef > 0)",
+                f"{r.num_cpus_per_actor:g}, started as loss.kl_coef > 0, kl_on=online)",
                 r.num_actors * r.num_cpus_per_actor,
                 r.num_actors * r.num_gpus_per_actor,
             )
@@ -76,7 +76,7 @@ def check_cluster_resources(cfg: Config) -> None:
     if key == "train.use_gpu":
         advice = "Set train.use_gpu=false, or run on a cluster with GPUs"
     else:
-        others = " or rollout.num_actors" if key == "train.num_workers" and cfg.loss.kl_coef > 0 else ""
+        others = " or rollout.num_actors" if key == "train.num_workers" and draws_online_samples(cfg) else ""
         advice = f"Lower {key}{others}, or run on a bigger cluster"
     message = (
         f"the run asks for {' and '.join(short)} (ray.cluster_resources()): {_asked_text(parts)}. {advice}; "
@@ -91,7 +91,7 @@ def check_cluster_resources(cfg: Config) -> None:
 def _check_rollout_placement(cfg: Config) -> None:
     """Refuse a run whose rollout.resources / rollout.node_labels no live node offers (its engines could not start)."""
     r = cfg.rollout
-    if cfg.loss.kl_coef <= 0 or cfg.train.cluster_autoscales or not (r.resources or r.node_labels):
+    if not draws_online_samples(cfg) or cfg.train.cluster_autoscales or not (r.resources or r.node_labels):
         return
     from spo_ray.rollout.placement import Placement
 

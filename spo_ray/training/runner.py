@@ -26,7 +26,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from spo_ray import storage
-from spo_ray.config import Config, config_to_dict
+from spo_ray.config import Config, config_to_dict, draws_online_samples
 from spo_ray.data import PromptSet, load_reg_prompts, prepare_preference_data, shard_data_config, train_shards
 from spo_ray.errors import ConfigError, DiskFullError, is_disk_full
 from spo_ray.logs import configure_logging, ray_logging_config
@@ -50,7 +50,7 @@ DATA_CPUS = 2
 
 def local_cpus_needed(cfg: Config) -> int:
     """Logical CPUs a local runtime needs so trainers, rollout actors and Ray Data never starve each other."""
-    rollout = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor if cfg.loss.kl_coef > 0 else 0
+    rollout = cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor if draws_online_samples(cfg) else 0
     return math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker + rollout) + DATA_CPUS
 
 
@@ -254,10 +254,11 @@ def eval_rows(cfg: Config, prepared):
 
 def start_online(cfg: Config, model_dir: str, rollout_pool=None):
     """(rollout pool, regularization prompts in the object store) for the global KL; (None, None) without it."""
-    if cfg.loss.kl_coef == 0:
+    if not draws_online_samples(cfg):
         if cfg.logging.samples_every:
             print(
-                "logging.samples_every: this run draws no online samples (loss.kl_coef=0 starts no rollout), "
+                "logging.samples_every: this run draws no online samples (loss.kl_coef=0 or loss.kl_on=dataset "
+                "starts no rollout), "
                 "so no samples.jsonl is written",
                 flush=True,
             )

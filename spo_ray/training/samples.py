@@ -170,4 +170,8 @@ def kl_metrics(
     }
     metrics["kl/samples"] = metrics["kl_token"]  # Σ_t exact KL(π_θ ‖ π_ref)_t along a sample, nats
     metrics["entropy/samples"] = entropy.mean().item() if entropy.numel() else 0.0  # nats per token
+    # Σ_t exact H_t along each sample, mean over samples: the response entropy, nats (loss.target_entropy)
+    rows = samples.response_mask[:, 1:].bool().nonzero(as_tuple=True)[0]
+    per_sample = entropy.new_zeros(samples.input_ids.shape[0]).index_add(0, rows, entropy)
+    metrics["entropy/response"] = per_sample.mean().item()
     return metrics

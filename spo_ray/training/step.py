@@ -15,8 +15,9 @@ import torch
 from spo_ray.data.collate import PreferenceBatch
 from spo_ray.losses import preference_metrics, trl_metrics
 from spo_ray.training.context import StepContext
+from spo_ray.training.dataset_kl import dataset_kl_metrics, dataset_kl_output
 from spo_ray.training.samples import SampleBatch, kl_metrics, kl_regularizer_output
-from spo_ray.training.terms import preference_terms
+from spo_ray.training.terms import ResponseForwards, preference_terms
 
 
 @dataclass
@@ -27,8 +28,10 @@ class StepOutput:
 
 
 def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch | None) -> StepOutput:
-    """Loss = mean preference loss + c_KL · mean KL surrogate on the online samples (SPEC.md §2)."""
-    terms = preference_terms(ctx, batch)
+    """Loss = mean preference loss + c_KL · mean KL surrogate on the online samples (SPEC.md §2), or on the
+    batch's own responses with `ctx.kl_on == "dataset"` (`dataset_kl.py`)."""
+    forwards = ResponseForwards(ctx, batch)
+    terms = preference_terms(ctx, batch, forwards)
     pref_loss = ctx.spec.compute(terms, ctx.params).mean()
     loss = pref_loss
     metrics = {"pref_loss": pref_loss.item()}
@@ -36,7 +39,11 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
     # TRL's names; rewards/* only where this step has reference log-probs (reference-based losses)
     metrics.update({k: v.mean().item() for k, v in trl_metrics(terms, ctx.params.beta).items()})
     num_tokens = int(batch.response_lengths.sum() + batch.prompt_lengths.sum())
-    if samples is not None and ctx.kl_coef > 0:
+    if ctx.kl_on == "dataset" and ctx.kl_coef > 0:
+        kl = dataset_kl_output(ctx, forwards)
+        loss = loss + ctx.kl_coef * kl.loss.mean()
+        metrics.update(dataset_kl_metrics(kl))
+    if samples is not None and ctx.kl_coef > 0 and ctx.kl_on == "online":
         kl, sample_logps, entropy = kl_regularizer_output(ctx, samples)
         loss = loss + ctx.kl_coef * kl.loss.mean()
         metrics.update(kl_metrics(kl, sample_logps, entropy, samples))

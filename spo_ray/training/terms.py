@@ -146,14 +146,17 @@ def carries_columns(spec: LossSpec, batch: PreferenceBatch) -> bool:
     )
 
 
-def preference_terms(ctx: StepContext, batch: PreferenceBatch) -> PreferenceTerms:
-    """`PreferenceTerms` with the policy's log-probs and exactly the terms the loss asks for."""
+def preference_terms(
+    ctx: StepContext, batch: PreferenceBatch, forwards: ResponseForwards | None = None
+) -> PreferenceTerms:
+    """`PreferenceTerms` with the policy's log-probs and exactly the terms the loss asks for (`forwards`: the
+    batch's `ResponseForwards` when the caller reads them too, e.g. the in-dataset KL)."""
     if ctx.spec.kind != "sppo" and bool((batch.ranking[:, 0] < 0).any()):
         raise ValueError(
             f"loss {ctx.spec.name!r} trains on preference orders, and this batch has rows without one "
             "(SPPO self-play rows, which carry win_probs): train them with loss.name=sppo"
         )
-    forwards = ResponseForwards(ctx, batch)
+    forwards = forwards or ResponseForwards(ctx, batch)
     policy_logps = forwards.policy_logps  # first: the policy forward precedes any reference forward
     terms = {name: TERMS[name].build(forwards) for name in ctx.spec.required_terms}
     missing = [name for name, value in terms.items() if value is None]
