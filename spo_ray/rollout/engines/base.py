@@ -6,9 +6,10 @@ import os
 from abc import ABC, abstractmethod
 from typing import Any
 
-import numpy as np
+import torch
 
 from spo_ray.errors import UserError
+from spo_ray.rollout.serialization import buckets_to_state_dict
 from spo_ray.rollout.types import Prompt, Sample, SamplingSettings
 
 # (token_ids, logprobs, finish_reason, text or None to decode here), one list per prompt.
@@ -59,7 +60,8 @@ class RolloutEngine(ABC):
         """(vocabulary size, max tokens of prompt + response)."""
 
     @abstractmethod
-    def _load_state_dict(self, payload: np.ndarray) -> None: ...
+    def _load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy `state_dict` (tensors viewing the object store's shared memory) into the served model."""
 
     @abstractmethod
     def _generate(
@@ -78,10 +80,13 @@ class RolloutEngine(ABC):
             "prompts_served": self.prompts_served,
         }
 
-    def load_weights(self, payload: np.ndarray, version: int) -> int:
-        """Serve the weights in `payload` (safetensors bytes) from now on, stamped `version`."""
+    def load_weights(self, buckets: list[Any], version: int) -> int:
+        """Serve the weights in `buckets` (object refs of `state_dict_to_buckets` buckets) from now on,
+        stamped `version`. The buckets are mapped from this node's object store, not copied."""
+        import ray
+
         try:
-            self._load_state_dict(payload)
+            self._load_state_dict(buckets_to_state_dict(ray.get(list(buckets))))
         except UserError:
             raise
         except Exception as exc:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+import torch
 
 from spo_ray.errors import UserError
 from spo_ray.rollout.engines.base import RawCompletion, RolloutEngine
+from spo_ray.rollout.serialization import state_dict_to_bytes
 from spo_ray.rollout.types import SamplingSettings
 
 # vLLM workers gain the methods of this class (reached with LLM.collective_rpc).
@@ -83,11 +84,12 @@ class VllmEngine(RolloutEngine):
         model_config = self.llm.llm_engine.model_config
         return model_config.get_vocab_size(), model_config.max_model_len
 
-    def _load_state_dict(self, payload: np.ndarray) -> None:
+    def _load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         if parallel.world_size > 1:  # workers in other processes: RPC arguments are serialized
-            payload = payload.tobytes()
-        self.llm.collective_rpc("reload_safetensors", args=(payload,))
+            self.llm.collective_rpc("reload_safetensors", args=(state_dict_to_bytes(state_dict).tobytes(),))
+        else:  # the worker runs in this process (ACTOR_ENV): it reads the shared-memory tensors directly
+            self.llm.collective_rpc("reload_tensors", args=(state_dict,))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     def _generate(
