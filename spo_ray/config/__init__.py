@@ -251,6 +251,12 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             "loss.pair_weight_gamma",
             f"weights the pairs of loss.name=spo only, not {cfg.loss.name}; set it to 0 or use loss.name=spo",
         )
+    if cfg.rollout.lora_sync == "adapter" and (cfg.rollout.backend != "vllm" or cfg.model.lora.r == 0):
+        raise ConfigError(
+            "rollout.lora_sync",
+            "adapter syncs a LoRA adapter to vLLM engines: it needs rollout.backend=vllm and model.lora.r > 0 "
+            f"(got backend={cfg.rollout.backend}, r={cfg.model.lora.r}); use auto or merged",
+        )
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",

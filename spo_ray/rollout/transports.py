@@ -34,7 +34,8 @@ class WeightTransport(ABC):
         self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
     ) -> dict[str, Any]:
         """Return once every engine serves `state_dict` as `version`: a report of what moved where
-        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights)."""
+        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights). A LoRA adapter
+        (with or without its base) always goes through the object store: `ObjectStoreTransport.sync_lora`."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release transport resources (process groups); the default has none."""
@@ -79,6 +80,16 @@ class ObjectStoreTransport(WeightTransport):
         refs = put_weights(state_dict)
         here = ray.get_runtime_context().get_node_id()
         return ray.get(manager.load_weights.remote(refs, version, here), timeout=timeout_s)
+
+    def sync_lora(
+        self, manager: Any, base: dict[str, torch.Tensor], adapter: Any, version: int, timeout_s: float
+    ) -> dict[str, Any]:
+        """Every engine serves `adapter` (a LoraAdapter) as `version`, on top of `base` when given (else on the
+        base it has): one atomic load per engine, so no sample is stamped `version` without the adapter."""
+        refs = put_weights(base) if base else []
+        lora = {"refs": put_weights(adapter.tensors), "config": adapter.config}
+        here = ray.get_runtime_context().get_node_id()
+        return ray.get(manager.load_weights.remote(refs, version, here, lora), timeout=timeout_s)
 
 
 class VllmTransferTransport(WeightTransport):

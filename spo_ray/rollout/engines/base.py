@@ -80,13 +80,29 @@ class RolloutEngine(ABC):
             "prompts_served": self.prompts_served,
         }
 
-    def load_weights(self, buckets: list[Any], version: int) -> int:
-        """Serve the weights in `buckets` (object refs of `state_dict_to_buckets` buckets) from now on,
-        stamped `version`. The buckets are mapped from this node's object store, not copied."""
+    def _load_adapter(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], version: int) -> None:
+        """Serve this LoRA adapter (PEFT names and config) on top of the loaded weights from now on."""
+        raise UserError(
+            f"the {type(self).__name__} rollout backend cannot serve LoRA adapters; set rollout.lora_sync=merged"
+        )
+
+    def _drop_adapter(self) -> None:  # noqa: B027 (backends without adapters have none to drop)
+        """Stop serving the LoRA adapter, if any: new full weights replace the model."""
+
+    def load_weights(self, buckets: list[Any], version: int, lora: dict[str, Any] | None = None) -> int:
+        """Serve the weights in `buckets` (object refs of `state_dict_to_buckets` buckets; none: keep the
+        loaded ones) and then the LoRA adapter `lora` (`{"refs", "config"}`) from now on, stamped `version`.
+        The buckets are mapped from this node's object store, not copied."""
         import ray
 
         try:
-            self._load_state_dict(buckets_to_state_dict(ray.get(list(buckets))))
+            if buckets:
+                self._load_state_dict(buckets_to_state_dict(ray.get(list(buckets))))
+            if lora is not None:
+                tensors = buckets_to_state_dict(ray.get(list(lora["refs"])))
+                self._load_adapter(tensors, lora["config"], version)
+            elif buckets:
+                self._drop_adapter()
         except UserError:
             raise
         except Exception as exc:
