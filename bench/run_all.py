@@ -286,6 +286,12 @@ def report(log: dict) -> None:
     seqpo = read_json(OUT / "seqpo.json") or {}
     results = headline(train, ray_runs, online, rollout, quality)
     results["kl_peak_memory_ratio"] = kl_memory.get("kl_peak_memory_ratio")
+    lora_sync = _get(rollout, "lora", "smollm2", default=None)  # bench_rollout.py --lora-models
+    results["lora_sync_bytes_ratio"] = _get(lora_sync, "lora_sync_bytes_ratio")
+    results["lora_sync"] = {"model": "smollm2", **lora_sync} if lora_sync else None
+    results["sync_over_memcpy"] = (
+        _get(results, "sync_mb_per_s") and results["sync_mb_per_s"] / results["memcpy_mb_per_s"]
+    )
     results["kl_memory"] = (
         {k: kl_memory.get(k) for k in ("model", "settings", "check")} if kl_memory else None
     )
@@ -322,6 +328,7 @@ def report(log: dict) -> None:
         "sync_mb_per_s",
         "memcpy_mb_per_s",
         "kl_peak_memory_ratio",
+        "lora_sync_bytes_ratio",
     ):
         lines.append(f"| `{key}` | {fmt(results[key], 2)} |")
     lines += ["", "## 1. Training throughput vs TRL", ""]
@@ -452,6 +459,27 @@ def rollout_section(rollout: dict) -> list[str]:
             f"| {r['model']} | {r['backend']} | {r['megabytes']:.1f} | {r['tokens_per_s']:.0f} | "
             f"{fmt(ratio, 2) if r['backend'] == 'vllm' else ''} | {r['sync_s']:.3f} | {r['sync_mb_per_s']:.0f} | "
             f"{r['memcpy_mb_per_s']:.0f} | {r.get('load_average_1m', '')} |"
+        )
+    return lines + [""] + lora_sync_lines(_get(rollout, "lora", default={}))
+
+
+def lora_sync_lines(lora: dict) -> list[str]:
+    """The LoRA sync table of bench_rollout.py: merged model vs adapter alone (`rollout.lora_sync`)."""
+    if not lora:
+        return []
+    lines = [
+        "LoRA r = 8 on every linear layer, one vLLM engine with `enable_lora` (medians; each sync includes the "
+        "trainer's preparation: merging, or picking out the adapter):",
+        "",
+        "| model | merged MB | adapter MB | `lora_sync_bytes_ratio` | merged sync s | adapter sync s | s ratio | "
+        "log-prob gap after adapter sync |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in lora.items():
+        lines.append(
+            f"| {name} | {r['merged_bytes'] / 1e6:.1f} | {r['adapter_bytes'] / 1e6:.2f} | "
+            f"{r['lora_sync_bytes_ratio']:.1f} | {r['merged_sync_s']:.3f} | {r['adapter_sync_s']:.3f} | "
+            f"{r['lora_sync_seconds_ratio']:.1f} | {r['adapter_logprob_gap']:.1e} |"
         )
     return lines + [""]
 

@@ -80,6 +80,12 @@ def test_integer_is_accepted_where_a_float_is_expected(tmp_path):
         (["model.path=/no/such/model"], "model.path", "does not exist"),
         (["data.max_prompt_length=600"], "data.max_prompt_length", "no room"),
         (["train.strategy=zero3"], "train.strategy", "not one of"),
+        (["rollout.lora_sync=adapter"], "rollout.lora_sync", "model.lora.r > 0"),
+        (
+            ["rollout.lora_sync=adapter", "model.lora.r=8", "rollout.backend=hf"],
+            "rollout.lora_sync",
+            "backend=vllm",
+        ),
     ],
 )
 def test_bad_values_raise_an_error_naming_the_key(overrides, key, words):

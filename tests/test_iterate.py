@@ -161,6 +161,7 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
             "iterate.steps_per_round=3",
             "iterate.candidates_per_prompt=8",
             "model.lora.r=4",
+            "rollout.overlap=false",  # lag 0: rollout log-probs must equal the trainer's
             "loss.name=spo",
             "loss.kl_coef=0.1",
             "train.batch_size=8",
@@ -186,6 +187,15 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
     # Round 1 starts at π_0 (a zero adapter): no KL. Round 2 starts at π_1 and is still measured against π_0.
     assert first_steps[1]["kl_token"] < 1e-6
     assert first_steps[2]["kl_token"] > 1e-4
+    # rollout.lora_sync=auto on vLLM: the first sync of a round sends the adapter with its frozen base, the
+    # others the adapter alone; the engines' log-probs equal the trainer's after either
+    for n in (1, 2):
+        rows = _read_jsonl(out / "rounds" / f"round_{n}" / "train" / "metrics.jsonl")
+        assert all(row["policy_lag"] == 0 and row["rollout_logp_gap"] < 1e-3 for row in rows)
+        assert (
+            0 < 8 * rows[1]["sync_bytes"] < rows[0]["sync_bytes"]
+            and rows[1]["sync_bytes"] == rows[2]["sync_bytes"]
+        )
     round_2 = json.loads((out / "rounds" / "round_2" / "train" / "config.json").read_text())
     assert round_2["model"]["reference_path"] == str(out / "expert_reference")
     assert round_2["model"]["path"] == summary["rounds"][1]["model"]

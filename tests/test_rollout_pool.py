@@ -28,7 +28,9 @@ TOKEN_PROMPT = [1, 280, 201, 364, 295]
 
 @pytest.fixture(scope="module", params=["hf", "vllm"])
 def pool(request, ray_runtime, tiny_model_dir):
-    options = {"max_model_len": 512} if request.param == "vllm" else {}
+    # vLLM with LoRA support, as RolloutPool.from_config starts it for model.lora.r = 8
+    options = {"max_model_len": 512, "enable_lora": True, "max_lora_rank": 8, "max_loras": 1}
+    options = options if request.param == "vllm" else {}
     rollout = RolloutPool(tiny_model_dir, backend=request.param, seed=0, timeout_s=120, **options)
     yield rollout
     rollout.shutdown()
@@ -117,6 +119,47 @@ def test_samples_that_stop_end_with_the_eos_token(pool, hf_model, tiny_model_dir
         if sample.finish_reason == "length":
             assert len(sample.token_ids) == 16
     assert logprob_gap(policy, samples) < 1e-3
+
+
+def test_a_lora_sync_sends_the_adapter_alone_and_rollout_logprobs_match_the_trainer(pool, hf_model):
+    from peft import LoraConfig, get_peft_model
+
+    from spo_ray.rollout.weights import lora_sync_payload
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    trainer = get_peft_model(
+        perturbed(hf_model, 0.05, seed=4), LoraConfig(r=8, lora_alpha=16, target_modules=targets)
+    )
+
+    def new_adapter(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in trainer.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+    new_adapter(seed=1)
+    base, adapter = lora_sync_payload(trainer, with_base=True)  # the first sync of a run carries the base
+    if not pool.lora_adapters:
+        with pytest.raises(UserError, match="cannot serve LoRA adapters"):
+            pool.sync_weights(base, 8, lora=adapter)
+        return
+    first = pool.sync_weights(base, 8, lora=adapter)
+    samples = flat(pool.generate([TOKEN_PROMPT, "Why does the river move?"], n=2, max_tokens=16))
+    assert {s.policy_version for s in samples} == {8} and logprob_gap(trainer, samples) < 1e-3
+    new_adapter(seed=2)
+    no_base, adapter = lora_sync_payload(trainer, with_base=False)
+    moved = pool.sync_weights(no_base, 9, lora=adapter)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+    assert 0 <= moved["bytes"] - adapter_bytes < 4096 and moved["bytes"] * 8 < first["bytes"]
+    samples = flat(pool.generate([TOKEN_PROMPT, "Why does the river move?"], n=2, max_tokens=16))
+    gap = logprob_gap(trainer, samples)
+    with trainer.disable_adapter():
+        base_gap = logprob_gap(trainer, samples)
+    print(f"\n[vllm] adapter sync ({moved['bytes']} of {first['bytes']} bytes): log-prob MAE {gap:.2e}")
+    assert {s.policy_version for s in samples} == {9} and gap < 1e-3 < base_gap
+    pool.sync_weights(state_dict_for_sync(hf_model), 10)  # full weights drop the adapter
+    assert logprob_gap(hf_model, flat(pool.generate([TOKEN_PROMPT], n=2, max_tokens=16))) < 1e-3
 
 
 def test_pool_is_usable_from_inside_another_ray_task(pool, hf_model):

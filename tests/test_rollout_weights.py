@@ -1,4 +1,5 @@
-"""What the trainer sends (state_dict_for_sync, safetensors payloads) and what the pool checks first."""
+"""What the trainer sends (state_dict_for_sync, object-store buckets, safetensors payloads) and what the pool
+checks first."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from spo_ray.errors import UserError
 from spo_ray.rollout import SamplingSettings, state_dict_for_sync
-from spo_ray.rollout.serialization import bytes_to_state_dict, state_dict_to_bytes
+from spo_ray.rollout.serialization import (
+    buckets_to_state_dict,
+    bytes_to_state_dict,
+    state_dict_to_buckets,
+    state_dict_to_bytes,
+)
 from spo_ray.rollout.types import check_prompts, derive_seed
 
 
@@ -67,6 +73,24 @@ def test_safetensors_payload_round_trips_and_writes_tied_weights_once():
     state["t"] = torch.randn(4, 5).t()  # not contiguous
     decoded = bytes_to_state_dict(state_dict_to_bytes(state))
     assert set(decoded) == {"embed.weight", "scale", "t"}
+    for name, tensor in decoded.items():
+        assert torch.equal(tensor, state[name]) and tensor.dtype == state[name].dtype
+
+
+def test_buckets_view_the_tensors_group_by_dtype_and_read_back_exactly():
+    shared = torch.randn(6, 4)
+    state = {"embed.weight": shared, "lm_head.weight": shared, "scale": torch.randn(3).bfloat16()}
+    state.update({f"w{i}": torch.randn(8, 8) for i in range(3)})  # 256 bytes each
+    state["t"] = torch.randn(4, 5).t()  # not contiguous: the one tensor copied here
+    buckets = state_dict_to_buckets(state, bucket_bytes=600)
+    for bucket in buckets:  # one dtype per bucket, at most 600 bytes unless a single tensor is larger
+        assert len(set(bucket["dtypes"])) == 1
+        assert sum(a.nbytes for a in bucket["arrays"]) <= 600 or len(bucket["arrays"]) == 1
+    assert len(buckets) == 3  # bfloat16 alone; float32 [96 + 256], [256 + 256 + 80] bytes
+    arrays = {n: a for b in buckets for n, a in zip(b["names"], b["arrays"])}
+    assert arrays["w0"].ctypes.data == state["w0"].data_ptr()  # a view: ray.put makes the only copy
+    decoded = buckets_to_state_dict(buckets)
+    assert set(decoded) == {"embed.weight", "scale", "t", "w0", "w1", "w2"}
     for name, tensor in decoded.items():
         assert torch.equal(tensor, state[name]) and tensor.dtype == state[name].dtype
 

@@ -23,7 +23,7 @@ from spo_ray.config.fields import option, section
 from spo_ray.config.loss import LossConfig
 from spo_ray.config.model import LoraConfig, ModelConfig, TinyModelConfig
 from spo_ray.config.output import LoggingConfig, OutputConfig
-from spo_ray.config.regularizer import check_regularizer, draws_online_samples
+from spo_ray.config.regularizer import check_regularizer, check_rollout, draws_online_samples
 from spo_ray.config.rollout import RolloutConfig
 from spo_ray.config.rounds import IterateConfig, JudgeConfig, StagesConfig, TaskConfig
 from spo_ray.config.train import TrainConfig
@@ -256,28 +256,7 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             f"weights the pairs of loss.name=spo only, not {cfg.loss.name}; set it to 0 or use loss.name=spo",
         )
     check_regularizer(cfg)
-    if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
-        raise ConfigError(
-            "rollout.transport",
-            f"{cfg.rollout.transport} needs GPU rollout actors (rollout.num_gpus_per_actor > 0)",
-        )
-    for name, amount in cfg.rollout.resources.items():
-        if name in ("CPU", "GPU", "memory"):
-            raise ConfigError(
-                f"rollout.resources.{name}",
-                f"{name} is set by rollout.num_{name.lower()}s_per_actor"
-                if name != "memory"
-                else "memory is not a rollout placement resource; name a custom resource such as rollout",
-            )
-        if amount <= 0:
-            raise ConfigError(f"rollout.resources.{name}", f"{amount!r} must be greater than 0")
-    needed_lag = cfg.rollout.sync_every - 1 + int(cfg.rollout.overlap)
-    if draws_online_samples(cfg) and cfg.rollout.max_policy_lag < needed_lag:
-        raise ConfigError(
-            "rollout.max_policy_lag",
-            f"{cfg.rollout.max_policy_lag} is below the lag that sync_every={cfg.rollout.sync_every} and "
-            f"overlap={cfg.rollout.overlap} produce ({needed_lag}); raise it or sync more often",
-        )
+    check_rollout(cfg)
     from spo_ray.storage import check_scheme
 
     check_scheme(cfg.output.dir, "output.dir")
@@ -392,6 +371,7 @@ __all__ = [
     "LoggingConfig",
     "OutputConfig",
     "apply_overrides",
+    "draws_online_samples",
     "config_from_dict",
     "config_to_dict",
     "dump_yaml",

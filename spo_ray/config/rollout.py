@@ -54,3 +54,9 @@ class RolloutConfig:
     seed: int = option(0, "engine seed: samples reproducible for a seed, different across requests")
     timeout_s: float = option(300.0, "timeout of any remote rollout call before the actor is replaced", gt=0)
     gpu_memory_utilization: float = option(0.3, "vLLM GPU memory fraction (GPU build only)", gt=0, le=1)
+    lora_sync: Literal["auto", "adapter", "merged"] = option(
+        "auto",
+        "with model.lora.r > 0, what a weight sync sends: 'adapter' only the LoRA adapter (vLLM engines started "
+        "with enable_lora, the frozen base once per run), 'merged' the whole merged model; 'auto' is adapter "
+        "on backend=vllm, merged on hf",
+    )

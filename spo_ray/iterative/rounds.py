@@ -60,7 +60,7 @@ def run_iterate(cfg: Config, callbacks: Sequence = ()) -> dict:
     with contextlib.ExitStack() as stack:  # closes whatever was started, in reverse, on any error
         judge = build_judge(cfg.judge, task=task)
         stack.callback(judge.close)
-        pool = RolloutPool.from_config(current, cfg.rollout)
+        pool = RolloutPool.from_config(current, cfg.rollout, lora_rank=cfg.model.lora.r)
         stack.callback(pool.shutdown)
         logger = MetricsLogger(
             str(out), cfg.logging, config_to_dict(cfg), cfg.iterate.rounds, max(0, len(records) - 1), "rounds"

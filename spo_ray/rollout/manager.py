@@ -1,7 +1,7 @@
 """The rollout manager actor: owns the engine actors, balances requests, replaces dead or hung ones.
 
 Every RolloutPool copy (the driver's, a Ray Train worker's) talks to this one actor, so the engine
-set, the latest weights (an object-store ref) and the policy version have a single owner. Each call
+set, the latest weights (object-store refs) and the policy version have a single owner. Each call
 to an engine has a deadline (`timeout_s`, counted from when the engine starts it); an engine that
 dies or misses one is killed and replaced, and the replacement loads the latest weights before it
 is given any work. A replacement goes where the placement allows (placement.py); when no live node can
@@ -87,7 +87,8 @@ class RolloutManager:
         self.spec = spec
         self.num_actors = num_actors
         self.slots: list[_Slot] = []
-        self.latest: tuple[ray.ObjectRef, int] | None = None  # weights a replacement must load
+        self.latest: tuple[list[ray.ObjectRef], int] | None = None  # weight buckets a replacement must load
+        self.latest_lora: tuple[dict[str, Any], int] | None = None  # and the LoRA adapter served on top
         self.policy_version = 0
         self.calls = 0
         self.replacements = 0
@@ -257,20 +258,30 @@ class RolloutManager:
 
     # -- weights --------------------------------------------------------------------------------
     def load_weights(
-        self, ref_box: list[ray.ObjectRef], version: int, source_node: str = ""
+        self,
+        refs: list[ray.ObjectRef],
+        version: int,
+        source_node: str = "",
+        lora: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Every engine loads the safetensors payload in `ref_box[0]` before this returns; what moved where.
+        """Every engine loads the weight buckets `refs` (a list, so Ray passes the refs, not the buckets)
+        before this returns; what moved where.
 
-        `source_node`: the node that put the payload. The report counts the payload's copies that Ray's
-        object directory lists on other nodes: bytes that crossed between object stores for this sync.
+        `source_node`: the node that put the buckets. The report counts their copies that Ray's object
+        directory lists on other nodes: bytes that crossed between object stores for this sync.
+        `lora`: a LoRA adapter (`{"refs", "config"}`) to serve on top; `refs` may then be empty (keep the base).
+        Full weights without `lora` replace the base and drop any adapter.
         """
-        (ref,) = ref_box  # boxed, so Ray hands the manager the ref rather than the bytes
+        refs = list(refs)
         with self.membership:
-            previous, self.latest = self.latest, (ref, version)
+            previous = self.latest, self.latest_lora
+            if refs:
+                self.latest = (refs, version)
+            self.latest_lora = (lora, version) if lora is not None else None
             targets = list(self.slots)
         pending = {}
         for slot in targets:
-            call, incarnation = self._call(slot, "load_weights", ref, version)
+            call, incarnation = self._call(slot, "load_weights", refs, version, lora)
             pending[call] = (slot, incarnation)
         while pending:
             finished, overdue = self._wait({r: slot for r, (slot, _) in pending.items()})
@@ -281,8 +292,8 @@ class RolloutManager:
                     ray.get(done)
                 except RayTaskError as exc:
                     with self.membership:
-                        if self.latest == (ref, version):
-                            self.latest = previous
+                        if self.latest_lora == ((lora, version) if lora is not None else None):
+                            self.latest, self.latest_lora = previous
                     raise_cause(exc)
                 except RayError as exc:  # the replacement loads `self.latest`
                     self._replace(slot, inc, f"engine {slot.index} died while loading ({type(exc).__name__})")
@@ -291,12 +302,13 @@ class RolloutManager:
                 self._settle(slot, late)
                 self._replace(slot, inc, f"engine {slot.index} did not load weights within timeout_s")
         self.policy_version = version
-        return copies_report(ref, {slot.node_id for slot in self.slots}, source_node)
+        moved = refs + (lora["refs"] if lora is not None else [])
+        return copies_report(moved, {slot.node_id for slot in self.slots}, source_node)
 
-    def record_synced(self, ref_box: list[ray.ObjectRef], version: int) -> None:
-        """A GPU transport delivered `version`; `ref_box[0]` is its CPU copy for replacements."""
+    def record_synced(self, refs: list[ray.ObjectRef], version: int) -> None:
+        """A GPU transport delivered `version`; `refs` are its CPU copy's buckets, for replacements."""
         with self.membership:
-            self.latest = (ref_box[0], version)
+            self.latest, self.latest_lora = (list(refs), version), None
         self.policy_version = version
 
     def _replace(self, slot: _Slot, incarnation: int, reason: str) -> None:
@@ -339,9 +351,10 @@ class RolloutManager:
                             f"rollout engine {index} cannot be replaced ({reason}): {placement.no_node_text()}"
                         )
                 ray.get(started)
-                if self.latest is not None:
-                    ref, version = self.latest
-                    ray.get(handle.load_weights.remote(ref, version), timeout=self.spec.timeout_s)
+                if self.latest is not None or self.latest_lora is not None:
+                    refs, version = self.latest or ([], 0)
+                    lora, version = self.latest_lora or (None, version)
+                    ray.get(handle.load_weights.remote(refs, version, lora), timeout=self.spec.timeout_s)
                 return handle, ray.get(handle.info.remote(), timeout=self.spec.timeout_s)["node_id"]
             except (ObjectLostError, OwnerDiedError):
                 ray.kill(handle, no_restart=True)

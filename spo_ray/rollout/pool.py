@@ -19,10 +19,12 @@ from spo_ray.errors import UserError
 from spo_ray.logs import process_env
 from spo_ray.rollout.manager import EngineSpec, RolloutManager, raise_cause
 from spo_ray.rollout.placement import Placement
-from spo_ray.rollout.transports import WeightTransport, make_transport
+from spo_ray.rollout.transports import ObjectStoreTransport, WeightTransport, make_transport
 from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, check_prompts
+from spo_ray.rollout.weights import LoraAdapter
 
 BACKENDS = ("vllm", "hf")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 TRANSPORTS = ("object_store", "nccl", "cuda_ipc")
 
 
@@ -100,6 +102,8 @@ class RolloutPool:
         self.transport_name = transport
         self.timeout_s = float(timeout_s)
         self.engine_options = dict(engine_options)
+        # vLLM engines started with `enable_lora` take LoRA adapters in sync_weights(..., lora=...)
+        self.lora_adapters = backend == "vllm" and bool(self.engine_options.get("enable_lora"))
         self.sampling_defaults = {"n": 1, "max_tokens": 64, "temperature": 1.0, "top_p": 1.0}
         self.sampling_defaults.update(sampling_defaults or {})
         SamplingSettings(**self.sampling_defaults)  # fail now on bad defaults
@@ -147,10 +151,21 @@ class RolloutPool:
             raise
 
     @classmethod
-    def from_config(cls, model_path: str | os.PathLike, cfg: Any, **engine_options: Any) -> RolloutPool:
-        """A pool built from a `RolloutConfig` (`cfg.rollout`); extra engine options pass through."""
+    def from_config(
+        cls, model_path: str | os.PathLike, cfg: Any, lora_rank: int = 0, **engine_options: Any
+    ) -> RolloutPool:
+        """A pool built from a `RolloutConfig` (`cfg.rollout`); extra engine options pass through.
+
+        `lora_rank` (`model.lora.r`): with `cfg.lora_sync` auto or adapter, vLLM engines start with LoRA
+        support, and trainers sync the adapter rather than the merged model (`pool.lora_adapters`)."""
         if cfg.backend == "vllm" and cfg.num_gpus_per_actor > 0:
             engine_options.setdefault("gpu_memory_utilization", cfg.gpu_memory_utilization)
+        if lora_rank > 0 and cfg.backend == "vllm" and cfg.lora_sync != "merged":
+            engine_options.setdefault("enable_lora", True)
+            engine_options.setdefault(
+                "max_lora_rank", min(r for r in VLLM_LORA_RANKS if r >= min(lora_rank, 512))
+            )
+            engine_options.setdefault("max_loras", 1)
         return cls(
             model_path,
             num_actors=cfg.num_actors,
@@ -206,20 +221,32 @@ class RolloutPool:
         return _wait(self.manager.prefer_node.remote(node_id), self.bound_s, "moving rollout engines")
 
     # -- weights --------------------------------------------------------------------------------
-    def sync_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> dict[str, Any]:
+    def sync_weights(
+        self, state_dict: dict[str, torch.Tensor], version: int, lora: LoraAdapter | None = None
+    ) -> dict[str, Any]:
         """Every engine serves `state_dict` (HF names, see `state_dict_for_sync`) before this returns.
 
-        Samples generated afterwards carry `policy_version == version`. Returns what moved: `bytes` (the
-        payload), `bytes_to_other_nodes` (copies Ray made in other nodes' object stores; object store
-        transport only, 0 otherwise), `engine_nodes`.
+        With `lora` (see `lora_sync_payload`; needs `pool.lora_adapters`), the engines serve that adapter on
+        top of `state_dict` as their new base, or of the base they have when `state_dict` is empty; full
+        weights without `lora` drop any adapter. Samples generated afterwards carry `policy_version ==
+        version`. Returns what moved: `bytes` (the payload), `bytes_to_other_nodes` (copies Ray made in other
+        nodes' object stores; object-store transport only, 0 otherwise), `engine_nodes`.
         """
-        if not isinstance(state_dict, dict) or not state_dict:
+        if not isinstance(state_dict, dict) or not (state_dict or lora is not None):
             raise UserError("sync_weights needs a non-empty dict of tensors (see state_dict_for_sync)")
         if isinstance(version, bool) or not isinstance(version, int):
             raise UserError(f"sync_weights: version must be an integer, got {version!r}")
+        if lora is not None and not self.lora_adapters:
+            raise UserError(
+                "sync_weights(lora=...): these rollout engines cannot serve LoRA adapters (backend "
+                f"{self.backend!r}, enable_lora={self.engine_options.get('enable_lora', False)}); build the pool "
+                "with RolloutPool.from_config(..., lora_rank=model.lora.r) on backend vllm, or sync merged weights"
+            )
         if self._transport is None:
             self._transport = make_transport(self.transport_name, self.engine_options)
         try:
+            if lora is not None:  # adapters travel through the object store whatever the transport
+                return ObjectStoreTransport().sync_lora(self.manager, state_dict, lora, version, self.bound_s)
             return self._transport.sync(self.manager, state_dict, version, self.bound_s)
         except GetTimeoutError:
             raise RolloutError(f"sync_weights: no answer within {self.bound_s:g} s") from None

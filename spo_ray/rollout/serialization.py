@@ -1,4 +1,5 @@
-"""State dicts as safetensors bytes: one serialization on the trainer, zero-copy views on the engines."""
+"""State dicts on their way to the engines: object-store buckets of numpy views (zero-copy on both ends), or
+safetensors bytes where tensors must cross a process boundary as plain bytes (vLLM workers in other processes)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def state_dict_to_bytes(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
 
     Tensors sharing storage (tied embeddings) are written once, under the first name.
     """
+    unique = _unique_contiguous(state_dict)
+    return np.frombuffer(save(unique), dtype=np.uint8)
+
+
+def _unique_contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; tensors sharing storage (tied embeddings) once, under the first name."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     unique: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
@@ -42,7 +49,7 @@ def state_dict_to_bytes(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
             continue
         seen.add(key)
         unique[name] = tensor.contiguous()
-    return np.frombuffer(save(unique), dtype=np.uint8)
+    return unique
 
 
 def bytes_to_state_dict(payload: bytes | memoryview | np.ndarray) -> dict[str, torch.Tensor]:
@@ -66,3 +73,53 @@ def bytes_to_state_dict(payload: bytes | memoryview | np.ndarray) -> dict[str, t
             flat = torch.frombuffer(buffer[base + start : base + end], dtype=dtype)
             state_dict[name] = flat.view(shape)
     return state_dict
+
+
+# -- object-store buckets: numpy views of the tensors, copied once into shared memory by ray.put ---------
+
+BUCKET_BYTES = (
+    256 << 20
+)  # one object-store object holds up to this many bytes of tensors (one tensor may exceed)
+
+# numpy has no bfloat16: such tensors travel as int16 and are viewed back on arrival.
+_VIEW_AS = {torch.bfloat16: torch.int16}
+_TORCH_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in _DTYPES.values()}
+
+
+def state_dict_to_buckets(
+    state_dict: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES
+) -> list[dict[str, list]]:
+    """Split CPU tensors into buckets of numpy views (no copy here: `ray.put` of a bucket is the one copy).
+
+    A bucket is `{"names", "dtypes", "arrays"}`, tensors grouped by dtype so each bucket is one flat run of
+    memory in the object store; tied tensors go once. `buckets_to_state_dict` reads them back in place.
+    """
+    unique = sorted(_unique_contiguous(state_dict).items(), key=lambda item: str(item[1].dtype))
+    buckets: list[dict[str, list]] = []
+    size = bucket_bytes
+    for name, tensor in unique:
+        nbytes = tensor.numel() * tensor.element_size()
+        if size + nbytes > bucket_bytes or (buckets and buckets[-1]["dtypes"][-1] != _dtype_name(tensor)):
+            buckets.append({"names": [], "dtypes": [], "arrays": []})
+            size = 0
+        bucket = buckets[-1]
+        bucket["names"].append(name)
+        bucket["dtypes"].append(_dtype_name(tensor))
+        bucket["arrays"].append(tensor.view(_VIEW_AS.get(tensor.dtype, tensor.dtype)).numpy())
+        size += nbytes
+    return buckets
+
+
+def buckets_to_state_dict(buckets: list[dict[str, list]]) -> dict[str, torch.Tensor]:
+    """Tensors that view the buckets' arrays (in an engine: the object store's shared memory, no copy)."""
+    state_dict: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "array is not writable": we only read it
+        for bucket in buckets:
+            for name, dtype, array in zip(bucket["names"], bucket["dtypes"], bucket["arrays"]):
+                state_dict[name] = torch.from_numpy(array).view(_TORCH_DTYPES[dtype])
+    return state_dict
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")

@@ -22,7 +22,7 @@ import ray
 import torch
 from ray.experimental import get_object_locations
 
-from spo_ray.rollout.serialization import state_dict_to_bytes
+from spo_ray.rollout.serialization import state_dict_to_buckets
 from spo_ray.rollout.types import RolloutError
 
 
@@ -34,46 +34,62 @@ class WeightTransport(ABC):
         self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
     ) -> dict[str, Any]:
         """Return once every engine serves `state_dict` as `version`: a report of what moved where
-        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights)."""
+        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights). A LoRA adapter
+        (with or without its base) always goes through the object store: `ObjectStoreTransport.sync_lora`."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release transport resources (process groups); the default has none."""
 
 
-def put_weights(state_dict: dict[str, torch.Tensor]) -> ray.ObjectRef:
-    """One `ray.put` of the safetensors bytes, shared by every engine that reads it."""
-    return ray.put(state_dict_to_bytes(state_dict))
+def put_weights(state_dict: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
+    """One `ray.put` per bucket of tensors (serialization.py): the tensors' bytes are copied once, into shared
+    memory, and every engine on a node maps that memory rather than copying it again."""
+    return [ray.put(bucket) for bucket in state_dict_to_buckets(state_dict)]
 
 
-def copies_report(ref: ray.ObjectRef, engine_nodes: set[str], source_node: str) -> dict[str, Any]:
-    """What one object-store sync moved: payload `bytes`, and `bytes_to_other_nodes`, the payload times the
-    nodes other than `source_node` that Ray's object directory lists a copy on (each copy crossed between
-    object stores). A pull is listed shortly after it completes, so wait briefly for every engine node."""
+def copies_report(refs: list[ray.ObjectRef], engine_nodes: set[str], source_node: str) -> dict[str, Any]:
+    """What one object-store sync moved: payload `bytes` (all buckets), and `bytes_to_other_nodes`, each
+    bucket's size times the nodes other than `source_node` that Ray's object directory lists a copy on (each
+    copy crossed between object stores). A pull is listed shortly after it completes, so wait briefly."""
     deadline = time.monotonic() + 2.0
     while True:
-        location = get_object_locations([ref], timeout_ms=5000).get(ref, {})
-        copies = set(location.get("node_ids") or [])
-        if not copies or engine_nodes <= copies or time.monotonic() > deadline:  # none: inlined (<100 KB)
+        locations = get_object_locations(refs, timeout_ms=5000)
+        copies = [set(locations.get(ref, {}).get("node_ids") or []) for ref in refs]
+        # no copy listed: the bucket was inlined (<100 KB) into the call
+        if all(not c or engine_nodes <= c for c in copies) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    size = int(location.get("object_size") or 0)
+    sizes = [int(locations.get(ref, {}).get("object_size") or 0) for ref in refs]
     return {
-        "bytes": size,
+        "bytes": sum(sizes),
+        "buckets": len(refs),
         "engine_nodes": sorted(engine_nodes),
-        "copies_on_nodes": sorted(copies),
-        "bytes_to_other_nodes": size * len(copies - {source_node}) if source_node else 0,
+        "copies_on_nodes": sorted(set().union(*copies)),
+        "bytes_to_other_nodes": sum(size * len(c - {source_node}) for size, c in zip(sizes, copies))
+        if source_node
+        else 0,
     }
 
 
 class ObjectStoreTransport(WeightTransport):
-    """Safetensors bytes through the Ray object store: works everywhere, CPU included."""
+    """Buckets of tensors through the Ray object store: works everywhere, CPU included."""
 
     def sync(
         self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
     ) -> dict[str, Any]:
-        ref = put_weights(state_dict)
+        refs = put_weights(state_dict)
         here = ray.get_runtime_context().get_node_id()
-        return ray.get(manager.load_weights.remote([ref], version, here), timeout=timeout_s)
+        return ray.get(manager.load_weights.remote(refs, version, here), timeout=timeout_s)
+
+    def sync_lora(
+        self, manager: Any, base: dict[str, torch.Tensor], adapter: Any, version: int, timeout_s: float
+    ) -> dict[str, Any]:
+        """Every engine serves `adapter` (a LoraAdapter) as `version`, on top of `base` when given (else on the
+        base it has): one atomic load per engine, so no sample is stamped `version` without the adapter."""
+        refs = put_weights(base) if base else []
+        lora = {"refs": put_weights(adapter.tensors), "config": adapter.config}
+        here = ray.get_runtime_context().get_node_id()
+        return ray.get(manager.load_weights.remote(refs, version, here, lora), timeout=timeout_s)
 
 
 class VllmTransferTransport(WeightTransport):
@@ -108,7 +124,7 @@ class VllmTransferTransport(WeightTransport):
         _run_with_timeout(self.engine.send_weights, timeout_s, f"{self.backend} weight transfer")
         # A CPU copy in the object store, so a replacement engine can load these weights on its own.
         cpu_copy = put_weights({name: t.detach().to("cpu") for name, t in state_dict.items()})
-        ray.get(manager.record_synced.remote([cpu_copy], version), timeout=timeout_s)
+        ray.get(manager.record_synced.remote(cpu_copy, version), timeout=timeout_s)
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
         return {"bytes": size, "bytes_to_other_nodes": 0, "engine_nodes": []}  # moved by NCCL / IPC, not Ray
 

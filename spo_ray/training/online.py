@@ -36,6 +36,7 @@ class OnlineSampler:
         self.pending: dict[int, object] = {}
         self.stale_resamples = 0
         self.last_sync: dict = {}  # the pool's report of the last sync (bytes, bytes_to_other_nodes, ...)
+        self.base_synced = False  # adapter syncs: the engines serve this run's frozen LoRA base
         if rank == 0:  # rollout.colocate: the engines' preferred node is the trainers', not the driver's
             pool.prefer_this_node()
 
@@ -93,14 +94,23 @@ class OnlineSampler:
             time.sleep(0.02)
 
     def sync(self, model, version: int) -> float:
-        """Push the policy's (LoRA-merged) weights to every rollout actor; returns seconds taken.
+        """Push the policy to every rollout actor: the LoRA-merged weights, or with engines that serve
+        adapters (`pool.lora_adapters`, rollout.lora_sync) the LoRA adapter alone, its frozen base with the
+        first sync of this sampler. Returns seconds taken.
 
         Every rank calls it: the full weights are gathered from every rank's FSDP shard (a collective), and
         rank 0 sends them."""
-        from spo_ray.rollout.weights import state_dict_for_sync
+        from spo_ray.models.sharding import unwrap_model
+        from spo_ray.rollout.weights import lora_sync_payload, state_dict_for_sync
 
         start = time.perf_counter()
-        weights = state_dict_for_sync(model)  # rank 0: the full weights; other ranks: {}
-        if self.rank == 0:
-            self.last_sync = self.pool.sync_weights(weights, version) or {}
+        if getattr(self.pool, "lora_adapters", False) and hasattr(unwrap_model(model), "peft_config"):
+            base, adapter = lora_sync_payload(model, with_base=not self.base_synced)
+            if self.rank == 0:
+                self.last_sync = self.pool.sync_weights(base, version, lora=adapter) or {}
+            self.base_synced = True
+        else:
+            weights = state_dict_for_sync(model)  # rank 0: the full weights; other ranks: {}
+            if self.rank == 0:
+                self.last_sync = self.pool.sync_weights(weights, version) or {}
         return time.perf_counter() - start

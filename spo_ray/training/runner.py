@@ -267,7 +267,9 @@ def start_online(cfg: Config, model_dir: str, rollout_pool=None):
 
     # in the object store, not in train_loop_config (which Ray pickles into every worker's start)
     reg_prompts = ray.put(PromptSet.from_lists(load_reg_prompts(cfg.data, model_dir)))
-    return rollout_pool or RolloutPool.from_config(model_dir, cfg.rollout), reg_prompts
+    return rollout_pool or RolloutPool.from_config(
+        model_dir, cfg.rollout, lora_rank=cfg.model.lora.r
+    ), reg_prompts
 
 
 def trainer_configs(cfg: Config, checkpoint_root: storage.AnyPath) -> dict:

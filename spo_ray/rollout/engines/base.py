@@ -6,9 +6,10 @@ import os
 from abc import ABC, abstractmethod
 from typing import Any
 
-import numpy as np
+import torch
 
 from spo_ray.errors import UserError
+from spo_ray.rollout.serialization import buckets_to_state_dict
 from spo_ray.rollout.types import Prompt, Sample, SamplingSettings
 
 # (token_ids, logprobs, finish_reason, text or None to decode here), one list per prompt.
@@ -59,7 +60,8 @@ class RolloutEngine(ABC):
         """(vocabulary size, max tokens of prompt + response)."""
 
     @abstractmethod
-    def _load_state_dict(self, payload: np.ndarray) -> None: ...
+    def _load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy `state_dict` (tensors viewing the object store's shared memory) into the served model."""
 
     @abstractmethod
     def _generate(
@@ -78,10 +80,29 @@ class RolloutEngine(ABC):
             "prompts_served": self.prompts_served,
         }
 
-    def load_weights(self, payload: np.ndarray, version: int) -> int:
-        """Serve the weights in `payload` (safetensors bytes) from now on, stamped `version`."""
+    def _load_adapter(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], version: int) -> None:
+        """Serve this LoRA adapter (PEFT names and config) on top of the loaded weights from now on."""
+        raise UserError(
+            f"the {type(self).__name__} rollout backend cannot serve LoRA adapters; set rollout.lora_sync=merged"
+        )
+
+    def _drop_adapter(self) -> None:  # noqa: B027 (backends without adapters have none to drop)
+        """Stop serving the LoRA adapter, if any: new full weights replace the model."""
+
+    def load_weights(self, buckets: list[Any], version: int, lora: dict[str, Any] | None = None) -> int:
+        """Serve the weights in `buckets` (object refs of `state_dict_to_buckets` buckets; none: keep the
+        loaded ones) and then the LoRA adapter `lora` (`{"refs", "config"}`) from now on, stamped `version`.
+        The buckets are mapped from this node's object store, not copied."""
+        import ray
+
         try:
-            self._load_state_dict(payload)
+            if buckets:
+                self._load_state_dict(buckets_to_state_dict(ray.get(list(buckets))))
+            if lora is not None:
+                tensors = buckets_to_state_dict(ray.get(list(lora["refs"])))
+                self._load_adapter(tensors, lora["config"], version)
+            elif buckets:
+                self._drop_adapter()
         except UserError:
             raise
         except Exception as exc:

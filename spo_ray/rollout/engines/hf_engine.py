@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from spo_ray.errors import UserError
 from spo_ray.rollout.engines.base import RawCompletion, RolloutEngine
-from spo_ray.rollout.serialization import bytes_to_state_dict
 from spo_ray.rollout.types import SamplingSettings
 
 
@@ -73,8 +71,7 @@ class HfEngine(RolloutEngine):
         config = self.model.config
         return config.vocab_size, getattr(config, "max_position_embeddings", 1 << 30)
 
-    def _load_state_dict(self, payload: np.ndarray) -> None:
-        state_dict = bytes_to_state_dict(payload)
+    def _load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()

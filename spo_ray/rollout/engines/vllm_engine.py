@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from typing import Any
 
-import numpy as np
+import torch
 
 from spo_ray.errors import UserError
 from spo_ray.rollout.engines.base import RawCompletion, RolloutEngine
+from spo_ray.rollout.serialization import state_dict_to_bytes
 from spo_ray.rollout.types import SamplingSettings
 
 # vLLM workers gain the methods of this class (reached with LLM.collective_rpc).
@@ -28,9 +33,12 @@ CPU_DEFAULTS: dict[str, Any] = {
 
 
 class VllmEngine(RolloutEngine):
-    """`vllm.LLM` with in-place weight reloads and per-prompt seeds."""
+    """`vllm.LLM` with in-place weight reloads, LoRA adapters (engine option `enable_lora`) and per-prompt
+    seeds."""
 
     llm: Any = None
+    lora_request: Any = None  # the adapter every generation uses (None: the loaded weights alone)
+    adapters_loaded = 0  # vLLM adapter ids: 1, 2, ... (never reused within an engine)
 
     def start(self) -> None:
         from transformers import AutoConfig
@@ -83,12 +91,46 @@ class VllmEngine(RolloutEngine):
         model_config = self.llm.llm_engine.model_config
         return model_config.get_vocab_size(), model_config.max_model_len
 
-    def _load_state_dict(self, payload: np.ndarray) -> None:
+    def _load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         if parallel.world_size > 1:  # workers in other processes: RPC arguments are serialized
-            payload = payload.tobytes()
-        self.llm.collective_rpc("reload_safetensors", args=(payload,))
+            self.llm.collective_rpc("reload_safetensors", args=(state_dict_to_bytes(state_dict).tobytes(),))
+        else:  # the worker runs in this process (ACTOR_ENV): it reads the shared-memory tensors directly
+            self.llm.collective_rpc("reload_tensors", args=(state_dict,))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    def _load_adapter(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], version: int) -> None:
+        """vLLM loads adapters from a folder: write it (on this engine's node), load it under a new id, and
+        unload the previous one; every later generation uses it."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self.llm.llm_engine.vllm_config.lora_config is None:
+            raise UserError(
+                "the rollout engines were started without enable_lora, so they cannot serve a LoRA adapter; "
+                "build the pool with RolloutPool.from_config(..., lora_rank=model.lora.r), or set "
+                "rollout.lora_sync=merged"
+            )
+        folder = tempfile.mkdtemp(prefix=f"spo_ray-lora-v{version}-")
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+            json.dump(config, fh)
+        self._drop_adapter()  # max_loras=1: one adapter in memory at a time
+        self.adapters_loaded += 1
+        request = LoRARequest(f"policy-v{version}", self.adapters_loaded, folder)
+        try:
+            self.llm.llm_engine.add_lora(request)  # loads now: a bad adapter fails here, not mid-generation
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.lora_request = request
+        self.llm.reset_prefix_cache()
+
+    def _drop_adapter(self) -> None:
+        if self.lora_request is not None:
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
+            self.lora_request = None
 
     def _generate(
         self, prompt_ids: list[list[int]], settings: SamplingSettings, seeds: list[int]
@@ -108,7 +150,10 @@ class VllmEngine(RolloutEngine):
             for seed in seeds
         ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request,
         )
         results = []
         for output in outputs:
@@ -137,5 +182,6 @@ class VllmEngine(RolloutEngine):
     def finish_weight_update(self, version: int) -> None:
         """Finish the update, drop prefix KV computed with old weights, stamp `version`."""
         self.llm.finish_weight_update()
+        self._drop_adapter()  # full weights replace the model
         self.llm.reset_prefix_cache()
         self.policy_version = version
