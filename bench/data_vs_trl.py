@@ -138,7 +138,20 @@ def run_ours(data: Path, work_dir: Path, tokenizer_dir: str, cpus: int, reps: in
     out: dict = {"side": "ours", "cpus": cpus}
     with TreeMemory() as memory:
         started = time.perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s node start-up wait
+            try:
+                ray.init(
+                    address="local",
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+                ray.shutdown()
         DataContext.get_current().enable_progress_bars = False
         out["ray_init_seconds"] = round(time.perf_counter() - started, 2)
         seconds = []
@@ -286,12 +299,27 @@ def compare(
         "epoch_rows_per_s": {"ours": round(rows / ours_epoch, 1), "trl": round(rows / trl_epoch, 1)},
         "epoch_rows_per_s_ratio_vs_trl": round(trl_epoch / ours_epoch, 2),
         "memory_mb": {"ours": {rows: sides["ours"][0]["memory"]}, "trl": {rows: sides["trl"][0]["memory"]}},
+        "note": "ours: prepare_preference_data, first in a fresh ray.init(num_cpus=cpus) (ray.init itself not "
+        "counted; its workers' imports and the driver's tokenizer load are), max_length 256; TRL: "
+        "DPOTrainer._prepare_dataset with dataset_num_proc=cpus (the faster of 2 runs in one process, load_dataset "
+        "not counted), max_length 256; epoch: ours train_shards (1 rank) + collate_preference_batch, TRL DataLoader "
+        "(shuffle, num_workers=0) + DataCollatorForPreference, batch 64",
     }
     if large:
         big = _child(bench, work_dir, tokenizer, "vs-ours", large, 1, cpus)
         print(json.dumps(big), flush=True)
         report["large"] = big
         report["memory_mb"]["ours"][large] = big["memory"]
+    return report
+
+
+def keep_large(report: dict, previous: dict) -> dict:
+    """The report plus the memory figures of sizes it did not run (--large) from a previous results.json."""
+    kept = ((previous.get("data_vs_trl") or {}).get("memory_mb") or {}).get("ours") or {}
+    ours = report["memory_mb"]["ours"]
+    for rows, memory in kept.items():
+        if str(rows) not in {str(r) for r in ours}:
+            ours[rows] = {**memory, "kept_from_an_earlier_run": True}
     return report
 
 
@@ -305,7 +333,17 @@ def results_keys(report: dict) -> dict:
     out = {key: report.get(key) for key in keys}
     out["data_vs_trl"] = {
         key: report.get(key)
-        for key in ("rows", "cpus", "ours_rows_per_s", "trl_rows_per_s", "epoch_rows_per_s", "memory_mb")
+        for key in (
+            "rows",
+            "cpus",
+            "ours_prepare_seconds",
+            "trl_seconds",
+            "ours_rows_per_s",
+            "trl_rows_per_s",
+            "epoch_rows_per_s",
+            "memory_mb",
+            "note",
+        )
     }
     return out
 
