@@ -579,7 +579,8 @@ def kl_memory_section(kl: dict) -> list[str]:
 def data_section(data: dict) -> list[str]:
     rows = data.get("results") or []
     if not rows:
-        return []
+        vs_trl = data_vs_trl.markdown(data.get("vs_trl") or {})
+        return ["## Data pipeline (bench/bench_data.py)", "", *vs_trl] if vs_trl else []
     lines = [
         "## Data pipeline (bench/bench_data.py)",
         "",
