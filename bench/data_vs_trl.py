@@ -247,7 +247,9 @@ def _child(bench: Path, work_dir: Path, tokenizer: str, mode: str, rows: int, re
 
     command = [sys.executable, str(bench), "--work-dir", str(work_dir), "--tokenizer", tokenizer]
     command += ["--child-mode", mode, "--rows", str(rows), "--reps", str(reps), "--cpus", str(cpus)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=work_dir)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=work_dir)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
