@@ -138,7 +138,7 @@ def run_ours(data: Path, work_dir: Path, tokenizer_dir: str, cpus: int, reps: in
     out: dict = {"side": "ours", "cpus": cpus}
     with TreeMemory() as memory:
         started = time.perf_counter()
-        for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s node start-up wait
+        for attempt in range(6):  # a loaded machine can miss Ray's fixed 30 s node start-up wait
             try:
                 ray.init(
                     address="local",
@@ -149,7 +149,7 @@ def run_ours(data: Path, work_dir: Path, tokenizer_dir: str, cpus: int, reps: in
                 )
                 break
             except Exception:
-                if attempt == 2:
+                if attempt == 5:
                     raise
                 ray.shutdown()
         DataContext.get_current().enable_progress_bars = False
