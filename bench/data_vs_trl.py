@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -156,8 +157,10 @@ def run_ours(data: Path, work_dir: Path, tokenizer_dir: str, cpus: int, reps: in
         out["ray_init_seconds"] = round(time.perf_counter() - started, 2)
         seconds = []
         for rep in range(reps):
+            output = work_dir / f"ours-{data.stem}-{rep}"
+            shutil.rmtree(output, ignore_errors=True)  # an earlier run's cache would be reused
             started = time.perf_counter()
-            prepared = prepare_preference_data(cfg, tokenizer_dir, str(work_dir / f"ours-{data.stem}-{rep}"))
+            prepared = prepare_preference_data(cfg, tokenizer_dir, str(output))
             seconds.append(round(time.perf_counter() - started, 2))
         out.update(prepare_seconds=seconds, rows=prepared.rows_read, num_train=prepared.num_train)
         out["prepare_memory"] = memory.report()
