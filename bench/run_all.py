@@ -92,7 +92,7 @@ def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
                 "--vs-trl-rows",
                 "10000" if quick else "50000",
                 "--rounds",
-                "1" if quick else "2",
+                "1",  # about 3 minutes on 2 idle cores: make bench stays within its 30 minutes
             ]
             run_python(BENCH_DIR / "bench_data.py", [*sizes, *vs_trl, "--out", str(OUT / "data.json")])
         elif name == "kl_memory":
