@@ -15,6 +15,10 @@ file of `--rows` rows, each in a fresh process with that code first on the path,
   part files hand to the rank's pipeline);
 - seconds from `train_shards` (2 ranks, 2 epochs, as a short run asks) to each rank's first batch;
 - resume: `run_training` on a finished run's output dir, the same command again (offline SPO, tiny model).
+
+`--vs-trl` adds the comparison with TRL's DPOTrainer preprocessing on --vs-trl-rows conversational rows
+(bench/data_vs_trl.py says what each side runs), `--large N` our peak memory at N rows as well; the report
+goes into --out under "vs_trl".
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_vs_trl import child_run, compare  # noqa: E402
 
 WORDS = [
     "the",
@@ -350,6 +357,15 @@ def main() -> None:
     parser.add_argument("--keep-before", action="store_true", help="--scale: reuse --out's 'before' figures")
     parser.add_argument("--child-mode", default="", help=argparse.SUPPRESS)
     parser.add_argument("--label", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--vs-trl", action="store_true", help="also compare with TRL (data_vs_trl.py)")
+    parser.add_argument("--vs-trl-rows", type=int, default=50_000, help="--vs-trl: rows both sides tokenize")
+    parser.add_argument("--rounds", type=int, default=2, help="--vs-trl: interleaved rounds (median)")
+    parser.add_argument(
+        "--large", type=int, default=0, help="--vs-trl: our peak memory at this many rows too"
+    )
+    parser.add_argument("--cpus", type=int, default=2, help="--vs-trl: Ray CPUs = TRL's dataset_num_proc")
+    parser.add_argument("--reps", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--only-vs-trl", action="store_true", help="--vs-trl alone, without the sizes above")
     args = parser.parse_args()
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data_")).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +374,11 @@ def main() -> None:
         return
     if args.child_mode == "scale":
         print(json.dumps(run_scale(args.rows, work_dir, args.tokenizer, args.label)))
+        return
+    if args.child_mode.startswith("vs-"):
+        print(
+            json.dumps(child_run(args.child_mode, args.rows, work_dir, args.tokenizer, args.reps, args.cpus))
+        )
         return
     if args.child_mode.startswith("resume"):
         print(
@@ -377,7 +398,7 @@ def main() -> None:
         scale(args, work_dir, tokenizer)
         return
     results = []
-    for rows in (args.small, args.rows):
+    for rows in () if args.only_vs_trl else (args.small, args.rows):
         command = [
             sys.executable,
             __file__,
@@ -391,18 +412,23 @@ def main() -> None:
         done = subprocess.run(command, check=True, capture_output=True, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]))
-    small, large = results
-    report = {
-        "results": results,
-        "peak_rss_growth_mb": round(large["driver_peak_rss_mb"] - small["driver_peak_rss_mb"], 1),
-        "prepare_peak_rss_growth_mb": round(
+    report = {"results": results, "tokenizer": tokenizer}
+    if results:
+        small, large = results
+        report["peak_rss_growth_mb"] = round(large["driver_peak_rss_mb"] - small["driver_peak_rss_mb"], 1)
+        report["prepare_peak_rss_growth_mb"] = round(
             large["driver_peak_rss_mb_after_prepare"] - small["driver_peak_rss_mb_after_prepare"], 1
-        ),
-        "tokenizer": tokenizer,
-    }
+        )
+    if args.vs_trl:
+        bench = Path(__file__).resolve()
+        report["vs_trl"] = compare(
+            bench, work_dir, tokenizer, args.vs_trl_rows, args.rounds, args.cpus, args.large
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "results"}))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("results", "vs_trl")}))
+    if "vs_trl" in report:
+        print(json.dumps({k: v for k, v in report["vs_trl"].items() if k not in ("runs", "large")}))
 
 
 if __name__ == "__main__":

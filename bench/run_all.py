@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data_vs_trl  # noqa: E402
 from common import BENCH_DIR, OUT, machine, read_json, run_python, write_json  # noqa: E402
 from cost_model import report as cost_model_report  # noqa: E402
 
@@ -89,7 +90,14 @@ def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
             sizes = (
                 ["--rows", "20000", "--small", "5000"] if quick else ["--rows", "50000", "--small", "5000"]
             )
-            run_python(BENCH_DIR / "bench_data.py", [*sizes, "--out", str(OUT / "data.json")])
+            vs_trl = [
+                "--vs-trl",
+                "--vs-trl-rows",
+                "10000" if quick else "50000",
+                "--rounds",
+                "1",  # about 3 minutes on 2 idle cores: make bench stays within its 30 minutes
+            ]
+            run_python(BENCH_DIR / "bench_data.py", [*sizes, *vs_trl, "--out", str(OUT / "data.json")])
         elif name == "kl_memory":
             threads = str(log.get("train_threads") or threads_for_timing(args.threads))
             run_python(
@@ -299,6 +307,10 @@ def report(log: dict) -> None:
     # bench_data.py --scale (needs an older checkout, so not a section): keep its last figures
     scale = read_json(OUT / "data_scale.json") or read_json(BENCH_DIR / "results.json") or {}
     results.update({k: scale.get(k) for k in ("data_read_amplification", "resume_seconds_ratio")})
+    # bench_data.py --vs-trl; its --large N memory (run once by hand) is kept from the last results.json
+    if data.get("vs_trl"):
+        data["vs_trl"] = data_vs_trl.keep_large(data["vs_trl"], read_json(BENCH_DIR / "results.json") or {})
+        results.update(data_vs_trl.results_keys(data["vs_trl"]))
     context = machine()
     results["machine"] = context
     results["run"] = log
@@ -653,7 +665,8 @@ def seqpo_section(seqpo: dict) -> list[str]:
 def data_section(data: dict) -> list[str]:
     rows = data.get("results") or []
     if not rows:
-        return []
+        vs_trl = data_vs_trl.markdown(data.get("vs_trl") or {})
+        return ["## Data pipeline (bench/bench_data.py)", "", *vs_trl] if vs_trl else []
     lines = [
         "## Data pipeline (bench/bench_data.py)",
         "",
@@ -664,7 +677,8 @@ def data_section(data: dict) -> list[str]:
         lines.append(
             f"| {r['rows']} | {r['prepare_seconds']} | {r['tokenized_rows_per_s']} | {r['epoch_rows_per_s']} | {r['driver_peak_rss_mb']} |"
         )
-    return lines + ["", f"Driver peak RSS growth between the sizes: {data.get('peak_rss_growth_mb')} MB.", ""]
+    lines += ["", f"Driver peak RSS growth between the sizes: {data.get('peak_rss_growth_mb')} MB.", ""]
+    return lines + data_vs_trl.markdown(data.get("vs_trl") or {})
 
 
 def make_plots(train: dict, online: dict, rollout: dict) -> list[Path]:

@@ -6,6 +6,7 @@ needs: a rank reads its own shard's rows and no others (README.md, "Sharding and
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -17,21 +18,33 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import ray.data
 
-_MAPPED: dict[str, Any] = {}  # part path -> memory-mapped table, per process (Ray workers are reused)
+_MAPPED: dict[
+    str, tuple[mmap.mmap, Any]
+] = {}  # part path -> (mapping, table), per process (Ray reuses workers)
 _MAX_MAPPED = 512
 
 
 def _mapped(path: str) -> pa.Table:
     import pyarrow as pa
 
-    table = _MAPPED.get(path)
-    if table is None:
+    entry = _MAPPED.get(path)
+    if entry is None:
         if len(_MAPPED) >= _MAX_MAPPED:
             _MAPPED.clear()
-        with pa.ipc.open_file(pa.memory_map(path)) as reader:
-            table = reader.read_all()  # zero-copy: pages are read when a row is taken
-        _MAPPED[path] = table
-    return table
+        with open(path, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with pa.ipc.open_file(pa.py_buffer(mapping)) as reader:
+            entry = (mapping, reader.read_all())  # zero-copy: pages are read when a row is taken
+        _MAPPED[path] = entry
+    return entry[1]
+
+
+def release_pages() -> None:
+    """Unmap the pages this process touched in the parts (they stay in the OS page cache; the next read
+    faults them in again). Without this, a worker that reads rows from every part keeps every page it
+    touched resident: its RSS grew with the dataset, not with what one read holds."""
+    for mapping, _ in _MAPPED.values():
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,8 @@ class RowIndex:
         for index in np.unique(part):
             mine = order[part[order] == index]
             local = rows[mine] - self.starts[index]
-            pieces.append(_mapped(self.parts[index]).take(pa.array(local)))
+            pieces.append(_mapped(self.parts[index]).take(pa.array(local)))  # take copies the rows
+        release_pages()
         table = pa.concat_tables(pieces)
         if len(pieces) > 1:
             table = table.take(pa.array(np.argsort(order, kind="stable")))  # back to the order of `ids`
@@ -117,6 +131,7 @@ class RowIndex:
 
         if self.selection:
             raise ValueError("a mixture's rows are read by example id (RowIndex.read), not part by part")
+        release_pages()  # the previous part's pages: a scan holds one part at a time
         table = _mapped(self.parts[index])
         mask, ids = self.example_ids(np.arange(self.starts[index], self.starts[index + 1]))
         if not mask.all():
