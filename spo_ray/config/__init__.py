@@ -251,6 +251,11 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
             "loss.pair_weight_gamma",
             f"weights the pairs of loss.name=spo only, not {cfg.loss.name}; set it to 0 or use loss.name=spo",
         )
+    if cfg.loss.sspo_lambda > 0 and cfg.loss.name == "sppo":
+        raise ConfigError(
+            "loss.sspo_lambda",
+            "degrades each row's chosen response, and sppo's self-play rows have none; set it to 0 for sppo",
+        )
     if cfg.rollout.transport != "object_store" and cfg.rollout.num_gpus_per_actor <= 0:
         raise ConfigError(
             "rollout.transport",
