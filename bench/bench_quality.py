@@ -46,6 +46,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
             "data.eval_fraction=0.05",
         ],
     ),
+    "spo_a1_heldout": (  # λ = 0 on the same 95% of the pairs as spo_a1_sspo
+        "SPO α=1, 5% held out (λ=0)",
+        ["loss.name=spo", "loss.alpha=1.0", "data.eval_fraction=0.05"],
+    ),
     "dpo_b0.1": ("DPO β=0.1", ["loss.name=dpo", "loss.beta=0.1"]),
     "dpo_b1": ("DPO β=1", ["loss.name=dpo", "loss.beta=1.0"]),
     "ipo_b0.1": ("IPO β=0.1", ["loss.name=ipo", "loss.beta=0.1"]),

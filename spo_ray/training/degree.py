@@ -43,7 +43,8 @@ class DegreeAux:
     @classmethod
     def build(cls, policy: nn.Module, weight: float, levels: int, seed: int, train_cfg, device) -> DegreeAux:
         """A fresh head for `policy`'s hidden size, initialized from `seed` (the same on every rank)."""
-        hidden = _unwrap(policy).config.hidden_size
+        lm_head = _unwrap(policy).get_output_embeddings()
+        hidden = lm_head.in_features if lm_head is not None else _unwrap(policy).config.hidden_size
         generator = torch.Generator().manual_seed(seed)
         head = nn.Linear(hidden, levels)
         with torch.no_grad():
