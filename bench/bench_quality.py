@@ -36,6 +36,21 @@ METHODS: dict[str, tuple[str, list[str]]] = {
         "SPO α=1 pair-weighted γ=1",
         ["loss.name=spo", "loss.alpha=1.0", "loss.pair_weight_gamma=1.0"],
     ),
+    # Li et al.'s degree head: held-out rows (5%) give its accuracy on rows it never trained on (eval/sspo_acc)
+    "spo_a1_sspo": (
+        "SPO α=1 + degree loss λ=0.5 K=3",
+        [
+            "loss.name=spo",
+            "loss.alpha=1.0",
+            "loss.sspo_lambda=0.5",
+            "loss.sspo_levels=3",
+            "data.eval_fraction=0.05",
+        ],
+    ),
+    "spo_a1_heldout": (  # λ = 0 on the same 95% of the pairs as spo_a1_sspo
+        "SPO α=1, 5% held out (λ=0)",
+        ["loss.name=spo", "loss.alpha=1.0", "data.eval_fraction=0.05"],
+    ),
     "dpo_b0.1": ("DPO β=0.1", ["loss.name=dpo", "loss.beta=0.1"]),
     "dpo_b1": ("DPO β=1", ["loss.name=dpo", "loss.beta=1.0"]),
     "ipo_b0.1": ("IPO β=0.1", ["loss.name=ipo", "loss.beta=0.1"]),
@@ -61,6 +76,15 @@ def method_alpha(overrides: list[str]) -> float:
         if item.startswith("loss.alpha="):
             return float(item.split("=", 1)[1])
     return 1.0
+
+
+def degree_accuracy(steps: list[dict]) -> dict:
+    """loss.sspo_lambda rows: the degree head's accuracy on the last step's batch and on the held-out rows."""
+    train = [m["sspo_acc"] for m in steps if "sspo_acc" in m]
+    held_out = [m["eval/sspo_acc"] for m in steps if "eval/sspo_acc" in m]
+    if not train:
+        return {}
+    return {"degree_acc_train": train[-1], "degree_acc_held_out": held_out[-1] if held_out else None}
 
 
 def evaluate(model_dir: str, task, alpha: float, beta: float, reference: torch.Tensor) -> dict:
@@ -178,6 +202,7 @@ def run(names: list[str], extra: list[str], out_dir: Path) -> dict:
             "kl_to_reference_on_s": metrics["kl_to_reference_on_s"],
             "distribution_on_s": metrics["distribution_on_s"],
             "median_step_seconds": step_seconds[len(step_seconds) // 2] if step_seconds else None,
+            **degree_accuracy(steps),
             "wall_seconds": round(wall, 1),
             **dial,
         }

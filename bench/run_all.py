@@ -177,6 +177,11 @@ def headline(train: dict, ray_runs: dict, online: dict, rollout: dict, quality: 
         },
         "scaling_2_workers_over_1": _get(ray_runs, "scaling_2w_over_1w_pairs_per_s"),
         "quality_tv_to_target": {k: v["tv_to_target"] for k, v in _get(quality, "rows", default={}).items()},
+        "quality_degree_acc_held_out": {  # loss.sspo_lambda rows: the degree head on held-out rows
+            k: v["degree_acc_held_out"]
+            for k, v in _get(quality, "rows", default={}).items()
+            if v.get("degree_acc_held_out") is not None
+        },
     }
     return out
 
@@ -557,6 +562,13 @@ def quality_reading(rows: dict, floor: dict) -> list[str]:
             f"Pair weighting (loss.pair_weight_gamma=1) leaves SPO α=1 on the same target: TV {weighted['tv_to_target']:.3f} "
             f"(plain {plain['tv_to_target']:.3f}), entropy {weighted['entropy']:.3f} ({plain['entropy']:.3f}); on "
             "Bradley–Terry pairs the weights change which pairs the gradient listens to, not the optimum."
+        )
+    degree, split = rows.get("spo_a1_sspo"), rows.get("spo_a1_heldout") or plain
+    if degree and split:
+        text.append(
+            f"The self-supervised degree loss (loss.sspo_lambda=0.5, K=3) leaves SPO α=1 on its target: TV "
+            f"{degree['tv_to_target']:.3f} (λ=0 on the same pairs {split['tv_to_target']:.3f}), while its head tells "
+            f"the 3 degrees apart on held-out rows with accuracy {degree['degree_acc_held_out']:.3f} (chance 0.333)."
         )
     collapsed = [r["label"] for r in rows.values() if r["entropy"] < 0.25]
     if collapsed:

@@ -1,6 +1,7 @@
 """Two Ray Train workers (DDP over gloo) with online vLLM samples, SIGKILLed mid-run and re-run: the lag bound
 holds on every rank, and across the two shards every step trains exactly the next rows of the epoch's
-permutation, none repeated or skipped, as the rows' ids in each rank's trace show."""
+permutation, none repeated or skipped, as the rows' ids in each rank's trace show. The run carries the
+degree head of loss.sspo_lambda (its own gradient all-reduce, checkpoint file and restore)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ TWO_WORKERS_ONLINE = [  # on top of faults.FAULT_RUN: a checkpoint every 2 steps
     "data.eval_fraction=0.1",  # 16 of the 160 rows held out, evaluated every 2 steps by both ranks
     "train.eval_every=2",
     "logging.samples_every=3",
+    "loss.sspo_lambda=0.1",  # the degree head: grads all-reduced across ranks, its file saved and restored
 ]
 
 
@@ -44,6 +46,10 @@ def test_two_workers_killed_mid_run_resume_on_exactly_the_next_rows_with_samples
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["policy_lag"] == 0 for r in rows)  # the worst rank's lag, every step
     assert all(r["rollout_logp_gap"] < 1e-3 for r in rows)  # both ranks sampled the synced weights
+    assert all(0 <= r["sspo_acc"] <= 1 and np.isfinite(r["sspo_loss"]) for r in rows)
+    assert all(0 <= r["eval/sspo_acc"] <= 1 for r in rows if "eval/rows" in r)
+    manifests = [json.loads(p.read_text()) for p in (out / "checkpoints").rglob("manifest.json")]
+    assert manifests and all("degree_head.pt" in m["files"] for m in manifests)
     # each rank evaluated its half of the held-out rows, each row counted once; the killed run's lines past
     # its checkpoint were dropped on resume, for samples.jsonl as for metrics.jsonl
     assert [r["step"] for r in rows if "eval/rows" in r] == [2, 4, 6]

@@ -257,6 +257,11 @@ def validate(cfg: Config, check_files: bool = True) -> Config:
         )
     check_regularizer(cfg)
     check_rollout(cfg)
+    if cfg.loss.sspo_lambda > 0 and cfg.loss.name == "sppo":
+        raise ConfigError(
+            "loss.sspo_lambda",
+            "degrades each row's chosen response, and sppo's self-play rows have none; set it to 0 for sppo",
+        )
     from spo_ray.storage import check_scheme
 
     check_scheme(cfg.output.dir, "output.dir")

@@ -81,3 +81,16 @@ class LossConfig:
         "loss.target_entropy: step size of the dual ascent on log alpha, per optimizer step and nat of gap",
         gt=0,
     )
+    sspo_lambda: float = option(
+        0.0,
+        "weight lambda of the self-supervised preference degree loss (Li et al. 2024): a head on the policy's "
+        "hidden states classifies how much key content was removed from each chosen response, its "
+        "cross-entropy is added to any pairwise loss (README, Self-supervised preference degree); 0 is off",
+        ge=0,
+    )
+    sspo_levels: int = option(
+        3,
+        "number K of degrees for loss.sspo_lambda: degree k removes ceil(k*R/K) of a chosen response's R "
+        "removable tokens (about k/K), the most key first; levels are distinct when R >= K",
+        ge=2,
+    )

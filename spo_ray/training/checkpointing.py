@@ -35,6 +35,7 @@ from spo_ray.models.sharding import (
 STATE_FILE = "train_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optim.pt"
+DEGREE_FILE = "degree_head.pt"  # loss.sspo_lambda's head and its optimizer (training/degree.py)
 MANIFEST_FILE = "manifest.json"  # written last: its presence and matching hashes make a checkpoint complete
 
 
@@ -115,9 +116,10 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler, state: TrainState
+    directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler, state: TrainState, degree=None
 ) -> None:
-    """Write this rank's part of a checkpoint; rank 0 writes the shared parts (model, optimizer, state).
+    """Write this rank's part of a checkpoint; rank 0 writes the shared parts (model, optimizer, state, and the
+    degree head of loss.sspo_lambda when `degree` is given: its own file, so MODEL_FILE stays the causal LM).
 
     Every rank calls it: gathering full weights and optimizer state from FSDP shards is a collective."""
     directory = Path(directory)
@@ -130,6 +132,8 @@ def save_checkpoint(
     save_file(weights, str(directory / MODEL_FILE))
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE)
     (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    if degree is not None:
+        degree.save(directory)
     write_manifest(directory, state.step)
 
 
@@ -169,6 +173,7 @@ def _sha256(path: storage.AnyPath) -> str:
 def write_manifest(directory: Path, step: int) -> None:
     """Record size and SHA-256 of rank 0's files, then fsync and atomically rename the manifest into place."""
     names = [MODEL_FILE, OPTIM_FILE, STATE_FILE, "rng_rank0.pt"]
+    names += [name for name in (DEGREE_FILE,) if (directory / name).exists()]
     files = {
         name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
         for name in names
@@ -221,8 +226,11 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike) -> 
         )
 
 
-def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and this rank's RNG; return the saved TrainState.
+def load_checkpoint(
+    directory: str | os.PathLike, *, rank: int, model, optimizer, scheduler, degree=None
+) -> TrainState:
+    """Restore model, optimizer, scheduler, this rank's RNG and the degree head (`degree`, when given; a
+    checkpoint saved without one leaves the fresh head); return the saved TrainState.
 
     Every rank calls it and reads the full files (loading into FSDP shards is a collective). Only tensors and
     plain values are unpickled: a file holding anything else raises `UnsafeCheckpointError`, naming it."""
@@ -231,6 +239,11 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model, optimizer
     optim_state = load_tensors_only(directory / OPTIM_FILE)
     load_full_optimizer_state_dict(model, optimizer, optim_state["optimizer"])
     scheduler.load_state_dict(optim_state["scheduler"])
+    if degree is not None and not degree.load(directory, load_tensors_only):
+        print(
+            f"{directory}: no {DEGREE_FILE} (saved with loss.sspo_lambda=0); the degree head starts fresh",
+            flush=True,
+        )
     rng_file = directory / f"rng_rank{rank}.pt"  # ranks > 0 are not in rank 0's manifest: may be cut off
     try:
         restore_rng(load_tensors_only(rng_file))
@@ -247,7 +260,7 @@ def read_state(directory: str | os.PathLike | storage.RemotePath) -> TrainState:
     return TrainState(**json.loads((storage.location(directory) / STATE_FILE).read_text()))
 
 
-_CHECKPOINT_FILES = (STATE_FILE, MODEL_FILE, OPTIM_FILE, MANIFEST_FILE, MANIFEST_FILE + ".tmp")
+_CHECKPOINT_FILES = (STATE_FILE, MODEL_FILE, OPTIM_FILE, DEGREE_FILE, MANIFEST_FILE, MANIFEST_FILE + ".tmp")
 
 
 class CheckpointStore:

@@ -20,6 +20,7 @@ from spo_ray.models.loading import (
 from spo_ray.storage import local_copy
 from spo_ray.training.checkpointing import CheckpointStore, TrainState, load_checkpoint, read_state
 from spo_ray.training.context import StepContext
+from spo_ray.training.degree import DegreeAux
 from spo_ray.training.evaluation import Evaluator
 from spo_ray.training.metrics import MetricsLogger, RowTrace
 from spo_ray.training.online import OnlineSampler
@@ -59,10 +60,16 @@ def build_models(cfg: Config, loop_config: dict, worker: Worker):
         compute_dtype=torch.bfloat16 if mixed else None,
         kl_on=cfg.loss.kl_on,
     )
+    if cfg.loss.sspo_lambda > 0:  # the degree head: outside the policy, same init on every rank
+        ctx.degree = DegreeAux.build(
+            policy, cfg.loss.sspo_lambda, cfg.loss.sspo_levels, cfg.train.seed, cfg.train, worker.device
+        )
     return ctx, optimizer, scheduler
 
 
-def restore(store: CheckpointStore, resume_from, worker: Worker, model, optimizer, scheduler) -> TrainState:
+def restore(
+    store: CheckpointStore, resume_from, worker: Worker, model, optimizer, scheduler, degree=None
+) -> TrainState:
     """The position and weights to start from: the checkpoint the driver's store chose and started the data
     stream from (never Ray's own record: it misses a save whose driver died before recording it), or a newer
     save of the same store when Ray restarted the worker group within this run (sizes checked; the driver
@@ -74,7 +81,7 @@ def restore(store: CheckpointStore, resume_from, worker: Worker, model, optimize
         return TrainState()
     with local_copy(resume_from) as local_dir:  # a remote checkpoint is downloaded first
         return load_checkpoint(
-            local_dir, rank=worker.rank, model=model, optimizer=optimizer, scheduler=scheduler
+            local_dir, rank=worker.rank, model=model, optimizer=optimizer, scheduler=scheduler, degree=degree
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class StepContext:
     importance_clip: float
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards (bf16); None: the weights' own
     kl_on: str = "online"  # where the KL is taken: "online" samples, or the "dataset"'s own responses
+    degree: Any = None  # training/degree.py `DegreeAux` when loss.sspo_lambda > 0, else None
 
     def autocast(self) -> AbstractContextManager:
         """Mixed precision for model forwards only: the loss math after them runs in float32, outside it."""

@@ -24,6 +24,7 @@ import torch
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import PreferenceTerms, trl_metrics
 from spo_ray.training.context import StepContext
+from spo_ray.training.degree import degree_terms
 from spo_ray.training.metrics import EVAL_PREFIX
 from spo_ray.training.terms import (
     carries_columns,
@@ -96,6 +97,8 @@ class Evaluator:
             values = {}
         terms = dataclasses.replace(terms, ref_logps=batch.ref_logps)
         values.update(trl_metrics(terms, ctx.params.beta))
+        if ctx.degree is not None:  # loss.sspo_lambda: the degree head on the held-out rows' chosen responses
+            values["sspo_loss"], values["sspo_acc"] = degree_terms(ctx, batch)
         return values
 
     def evaluate(self) -> dict[str, float]:

@@ -34,7 +34,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     worker = Worker.start(cfg.train.seed, cfg.logging.level)
     ctx, optimizer, scheduler = build_models(cfg, loop_config, worker)
     store = CheckpointStore(loop_config["checkpoint_root"], hashes=False)
-    state = restore(store, loop_config["resume_from"], worker, ctx.policy, optimizer, scheduler)
+    state = restore(store, loop_config["resume_from"], worker, ctx.policy, optimizer, scheduler, ctx.degree)
     restore_alpha(ctx, state, cfg.loss.target_entropy)
     online = build_online(cfg, loop_config, worker, ctx.policy, state)
     evaluator = build_evaluator(cfg, loop_config, worker, ctx)
@@ -60,7 +60,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         if checkpoint_due(state.step, cfg.train.max_steps, cfg.train.checkpoint_every):
             model_state = (ctx.policy, optimizer, scheduler, state)
             shortfall = save_or_stop(
-                worker, store, *model_state, step.metrics, logs.writers, cfg.train.keep_checkpoints
+                worker,
+                store,
+                *model_state,
+                step.metrics,
+                logs.writers,
+                cfg.train.keep_checkpoints,
+                degree=ctx.degree,
             )
             if shortfall is not None:  # every rank stops at this same step, before saving
                 stopped = {"disk_full": shortfall}
@@ -110,6 +116,8 @@ def train_step(
         totals["tokens"] += out.num_tokens
     if cfg.train.max_grad_norm > 0:
         totals["grad_norm"] = clip_grad_norm(ctx.policy.parameters(), cfg.train.max_grad_norm)
+    if ctx.degree is not None:  # loss.sspo_lambda's head: its own optimizer, the policy's learning rate
+        ctx.degree.step(optimizer.param_groups[0]["lr"], cfg.train.max_grad_norm, worker.world)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -31,9 +31,10 @@ def save_or_stop(
     metrics,
     writers,
     keep,
+    degree=None,
 ) -> str | None:
     """Save this step's checkpoint on every rank; or, when the disk is full on any rank, save nothing and
-    return why (every rank stops at this same step). `writers`: this rank's line writers (metrics, trace)."""
+    return why (every rank stops at this same step). `writers`: this rank's line writers (metrics, trace); `degree`: loss.sspo_lambda's head, or None."""
     shortfall = _disk_shortfall(worker, store, model, optimizer, writers)
     if worker.any(shortfall is not None):
         return shortfall or "another rank could not write its files"
@@ -41,7 +42,13 @@ def save_or_stop(
         writer.sync()
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(
-            tmp, rank=worker.rank, model=model, optimizer=optimizer, scheduler=scheduler, state=state
+            tmp,
+            rank=worker.rank,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            degree=degree,
         )
         ray.train.report({"step": state.step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if worker.is_chief:  # the folder just reported is the newest; older and torn ones go

@@ -16,6 +16,7 @@ from spo_ray.data.collate import PreferenceBatch
 from spo_ray.losses import preference_metrics, trl_metrics
 from spo_ray.training.context import StepContext
 from spo_ray.training.dataset_kl import dataset_kl_metrics, dataset_kl_output
+from spo_ray.training.degree import degree_terms
 from spo_ray.training.samples import SampleBatch, kl_metrics, kl_regularizer_output
 from spo_ray.training.terms import ResponseForwards, preference_terms
 
@@ -28,8 +29,9 @@ class StepOutput:
 
 
 def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch | None) -> StepOutput:
-    """Loss = mean preference loss + c_KL · mean KL surrogate on the online samples (SPEC.md §2), or on the
-    batch's own responses with `ctx.kl_on == "dataset"` (`dataset_kl.py`)."""
+    """Loss = mean preference loss [+ λ · degree cross-entropy] + c_KL · mean KL surrogate on the online samples
+    (SPEC.md §2), or on the batch's own responses with `ctx.kl_on == "dataset"` (`dataset_kl.py`); the degree
+    term when `ctx.degree` is set (loss.sspo_lambda)."""
     forwards = ResponseForwards(ctx, batch)
     terms = preference_terms(ctx, batch, forwards)
     pref_loss = ctx.spec.compute(terms, ctx.params).mean()
@@ -39,6 +41,10 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
     # TRL's names; rewards/* only where this step has reference log-probs (reference-based losses)
     metrics.update({k: v.mean().item() for k, v in trl_metrics(terms, ctx.params.beta).items()})
     num_tokens = int(batch.response_lengths.sum() + batch.prompt_lengths.sum())
+    if ctx.degree is not None:  # Li et al.'s L = L_align + λ·L_ssl (training/degree.py)
+        degree_ce, degree_acc = degree_terms(ctx, batch)
+        loss = loss + ctx.degree.weight * degree_ce.mean()
+        metrics.update(sspo_loss=degree_ce.mean().item(), sspo_acc=degree_acc.mean().item())
     if ctx.kl_on == "dataset" and ctx.kl_coef > 0:
         kl = dataset_kl_output(ctx, forwards)
         loss = loss + ctx.kl_coef * kl.loss.mean()
