@@ -24,6 +24,25 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def float64_pair(tiny_model_dir):
+    """`build(noise)` -> (policy, frozen reference): the tiny model twice in float64, the policy moved off the
+    reference by noise·N(0, 1) on every weight (seed 0), for exact value and gradient checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def build(noise: float):
+        torch.manual_seed(0)
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.add_(noise * torch.randn_like(param))
+        return policy, reference
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def ray_runtime():
     """A local Ray runtime shared by the tests that need one."""
     import ray

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from spo_ray.data import collate_preference_batch
 from spo_ray.losses import LossParams, get_loss
@@ -18,14 +18,8 @@ RESPONSES = [["The river moves.", "No."], ["Fresh bread is a good reason to wake
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    torch.manual_seed(0)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
-    with torch.no_grad():  # make the policy differ from the reference
-        for param in policy.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    return policy, reference, AutoTokenizer.from_pretrained(tiny_model_dir)
+def models(float64_pair, tiny_model_dir):
+    return (*float64_pair(0.02), AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 def _rows(tokenizer):

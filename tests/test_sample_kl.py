@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from spo_ray.losses import LossParams, get_kl_estimator, get_loss, sequence_logps, shift_for_causal_lm
 from spo_ray.training import samples as samples_module
@@ -15,14 +14,8 @@ from spo_ray.training.samples import SampleBatch, kl_regularizer_output
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    torch.manual_seed(0)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
-    with torch.no_grad():  # make the policy differ from the reference
-        for param in policy.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return policy, reference
+def models(float64_pair):
+    return float64_pair(0.05)
 
 
 def full_logits_term(ctx: StepContext, samples: SampleBatch):
