@@ -16,7 +16,7 @@ from spo_ray.tasks.arithmetic import ArithmeticTask, final_number, make_problem,
 
 PROBLEM = (
     "Mia has 12 marbles. Then Mia finds 7 more. Then Mia loses 5. How many marbles does Mia have now? "
-    "End your answer with the number."
+    "Answer with just the number."
 )
 
 

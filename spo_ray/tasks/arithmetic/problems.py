@@ -1,8 +1,8 @@
 """Seeded arithmetic word problems and their judge: a verifiable task for a real instruct model.
 
 A problem is a start amount and `operations` steps, each one add or subtract phrase, e.g.
-"Mia has 12 marbles. Then Mia finds 7 more. Then Mia loses 5. How many marbles does Mia have now? End
-your answer with the number." Every intermediate amount stays between 0 and 99. The judge reads the
+"Mia has 12 marbles. Then Mia finds 7 more. Then Mia loses 5. How many marbles does Mia have now? Answer
+with just the number." Every intermediate amount stays between 0 and 99. The judge reads the
 problem back from its text (the phrases are fixed), so `score(prompt, responses)` needs nothing but the
 prompt: it is also usable as `judge.callable = spo_ray.tasks.arithmetic.problems:score`.
 
@@ -27,6 +27,9 @@ STEPS = [
     ("uses {n}", -1),
 ]
 MAX_AMOUNT = 99
+# SmolLM2-135M-Instruct, greedy, 32 one-step problems: 28% right with this instruction, 16% with "End your
+# answer with the number.", 22% with "Think step by step, then give the final number."
+INSTRUCTION = "Answer with just the number."
 _START = re.compile(r"^(\w+) has (\d+) (\w+)\.")
 _NUMBER = r"(\d+)"
 _STEP = re.compile("|".join("(?:" + re.escape(p).replace(re.escape("{n}"), _NUMBER) + ")" for p, _ in STEPS))
@@ -53,7 +56,7 @@ def make_problem(rng: random.Random, operations: int) -> Problem:
         n = rng.randint(1, min(room, 20))
         amount += sign * n
         sentences.append(f"Then {name} {phrase.format(n=n)}.")
-    sentences.append(f"How many {item} does {name} have now? End your answer with the number.")
+    sentences.append(f"How many {item} does {name} have now? {INSTRUCTION}")
     return Problem(" ".join(sentences), amount)
 
 
