@@ -32,6 +32,19 @@ CPU_DEFAULTS: dict[str, Any] = {
 }
 
 
+def cpu_max_model_len(config: Any, options: dict[str, Any]) -> int:
+    """The model's context length, capped at what the CPU engine's fixed KV budget holds: vLLM refuses to
+    start when one request of the model's full context would not fit (SmolLM2's 8,192 positions need 0.35 GiB
+    in float32), and a longer prompt is refused per request instead. 90% of the budget, in 16-token blocks."""
+    text = getattr(config, "text_config", None) or config
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dtype_bytes = 2 if str(options.get("dtype")) in ("bfloat16", "float16", "half") else 4
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes  # keys and values
+    fits = int(0.9 * options["kv_cache_memory_bytes"]) // per_token // 16 * 16
+    return max(16, min(int(getattr(text, "max_position_embeddings", fits) or fits), fits))
+
+
 class VllmEngine(RolloutEngine):
     """`vllm.LLM` with in-place weight reloads, LoRA adapters (engine option `enable_lora`) and per-prompt
     seeds."""
@@ -54,6 +67,8 @@ class VllmEngine(RolloutEngine):
             self._check_cpu_head_size(config)
             for key, value in CPU_DEFAULTS.items():
                 options.setdefault(key, value)
+            if "max_model_len" not in options and "kv_cache_memory_bytes" in options:
+                options["max_model_len"] = cpu_max_model_len(config, options)
         from vllm import LLM
 
         from spo_ray.logs import configure_logging, is_quiet
