@@ -3,9 +3,9 @@ checked against the hand formula on a tiny batch, one response at a time without
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from test_train_step import make_rows
 from transformers import AutoTokenizer
 
 from spo_ray.data import collate_preference_batch
@@ -20,20 +20,6 @@ RESPONSES = [["The river moves.", "No."], ["Fresh bread is a good reason to wake
 @pytest.fixture(scope="module")
 def models(float64_pair, tiny_model_dir):
     return (*float64_pair(0.02), AutoTokenizer.from_pretrained(tiny_model_dir))
-
-
-def _rows(tokenizer):
-    rows = {"prompt_ids": [], "response_ids": [], "ranking": [], "example_id": []}
-    for i, (prompt, answers) in enumerate(zip(PROMPTS, RESPONSES)):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        rows["prompt_ids"].append(np.array(tokenizer(text)["input_ids"]))
-        rows["response_ids"].append([np.array(tokenizer(a + "<|im_end|>")["input_ids"]) for a in answers])
-        rows["ranking"].append(np.arange(len(answers)))
-        rows["example_id"].append(i)
-    rows["response_ids"] = np.array(rows["response_ids"], dtype=object)
-    return rows
 
 
 def _context(policy, reference, kl_coef, estimator="token", kl_on="dataset"):
@@ -68,7 +54,7 @@ def _by_hand(policy, reference, rows):
 @pytest.mark.parametrize("packing", [False, True])
 def test_in_dataset_kl_is_the_token_kl_along_every_chosen_and_rejected_response(models, packing):
     policy, reference, tokenizer = models
-    rows = _rows(tokenizer)
+    rows = make_rows(tokenizer, PROMPTS, RESPONSES)
     batch = collate_preference_batch(rows, tokenizer.pad_token_id, packing=packing)
     token_kl, log_ratio = _by_hand(policy, reference, rows)
     assert token_kl.min() > 0  # the policy differs from the reference on every response
@@ -88,7 +74,7 @@ def test_in_dataset_kl_is_the_token_kl_along_every_chosen_and_rejected_response(
 
 def test_in_dataset_kl_gradient_is_the_gradient_of_the_token_kl_on_the_data(models):
     policy, reference, tokenizer = models
-    rows = _rows(tokenizer)
+    rows = make_rows(tokenizer, PROMPTS, RESPONSES)
     batch = collate_preference_batch(rows, tokenizer.pad_token_id)
     head = policy.get_output_embeddings().weight
     policy.zero_grad()
@@ -116,7 +102,7 @@ def test_in_dataset_kl_gradient_is_the_gradient_of_the_token_kl_on_the_data(mode
 def test_online_kl_on_ignores_the_batch_responses(models):
     """kl_on=online without samples adds nothing: the dataset term is only taken when asked for."""
     policy, reference, tokenizer = models
-    batch = collate_preference_batch(_rows(tokenizer), tokenizer.pad_token_id)
+    batch = collate_preference_batch(make_rows(tokenizer, PROMPTS, RESPONSES), tokenizer.pad_token_id)
     without = compute_step(_context(policy, reference, 0.0), batch, None)
     online = compute_step(_context(policy, reference, 0.5, kl_on="online"), batch, None)
     assert online.loss.item() == pytest.approx(without.loss.item(), rel=1e-12)

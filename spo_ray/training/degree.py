@@ -28,6 +28,7 @@ from spo_ray.data.collate import PreferenceBatch
 from spo_ray.losses.degree import degraded_versions, degree_loss
 from spo_ray.training.checkpointing import DEGREE_FILE
 from spo_ray.training.layouts import _unwrap
+from spo_ray.training.optim import build_optimizer
 
 
 @dataclass
@@ -52,13 +53,7 @@ class DegreeAux:
             head.weight.uniform_(-bound, bound, generator=generator)
             head.bias.zero_()
         head = head.to(device)
-        optimizer = torch.optim.AdamW(
-            head.parameters(),
-            lr=train_cfg.lr,
-            betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-            eps=train_cfg.adam_epsilon,
-            weight_decay=train_cfg.weight_decay,
-        )
+        optimizer, _ = build_optimizer(head, train_cfg)  # the policy's AdamW settings; `step` sets its lr
         return cls(head, optimizer, weight, levels, seed)
 
     def step(self, lr: float, max_grad_norm: float, world: int) -> None:
