@@ -73,6 +73,8 @@ def test_integer_is_accepted_where_a_float_is_expected(tmp_path):
         (["loss.kl_on=dataset", "loss.kl_coef=0"], "loss.kl_on", "loss.kl_coef > 0"),
         (["loss.target_entropy=-1"], "loss.target_entropy", "at least 0"),
         (["loss.alpha_lr=0"], "loss.alpha_lr", "greater than 0"),
+        (["loss.entropy_min_prob=1"], "loss.entropy_min_prob", "less than 1"),
+        (["loss.entropy_on=answers"], "loss.entropy_on", "not one of"),
         (["loss.name=dpo", "loss.target_entropy=1"], "loss.target_entropy", "an SPO loss"),
         (["loss.target_entropy=1", "loss.kl_coef=0"], "loss.target_entropy", "kl_on=online"),
         (["loss.target_entropy=1", "loss.kl_on=dataset"], "loss.target_entropy", "online samples"),
@@ -192,3 +194,6 @@ def test_in_dataset_kl_needs_no_rollout_and_the_global_kl_does():
     assert not draws_online_samples(offline)
     assert local_cpus_needed(dataset) == local_cpus_needed(offline) < local_cpus_needed(online)
     assert load_config(None, ["loss.target_entropy=1.1", "loss.name=spo_ranked"]).loss.target_entropy == 1.1
+    # measured on the batch's compared responses, the dial needs no online samples
+    compared = load_config(None, ["loss.target_entropy=0.8", "loss.entropy_on=compared", "loss.kl_coef=0"])
+    assert compared.loss.entropy_on == "compared" and not draws_online_samples(compared)

@@ -94,8 +94,11 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
     from spo_ray.training.entropy_dial import dual_ascent_alpha
 
     assert rows[0]["alpha"] == 1.0 and all(r["entropy/response"] > 0 for r in rows)
+    # every sample counts as likely, so the measured entropy is the Monte-Carlo one, mean of −lp_θ(y)
+    assert all(r["entropy/likely_fraction"] == 1.0 for r in rows)
+    assert all(r["entropy/measured"] == pytest.approx(r["sample_entropy"], rel=1e-6) for r in rows)
     for before, after in zip(rows, rows[1:]):
-        expected = dual_ascent_alpha(before["alpha"], 0.5, before["entropy/response"], 0.005)
+        expected = dual_ascent_alpha(before["alpha"], 0.5, before["entropy/measured"], 0.005)
         assert after["alpha"] == pytest.approx(expected, rel=1e-6)
     assert len({round(r["alpha"], 6) for r in rows}) == len(rows)  # it moved every step
     # the final evaluation is the TRL metrics of the final model against the reference on the eval rows
@@ -117,6 +120,8 @@ EVAL_AND_SAMPLES = [
     "logging.num_samples=2",
     "loss.target_entropy=0.5",  # α adapts each step (loss.alpha_lr), checkpointed with the state
     "loss.alpha_lr=0.005",  # small enough that α never reaches its clamp in 9 steps
+    # an untrained model's samples are each rarer than the default 0.01: this floor counts every one of them
+    "loss.entropy_min_prob=1e-300",
 ]
 
 

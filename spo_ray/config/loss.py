@@ -81,6 +81,19 @@ class LossConfig:
         "loss.target_entropy: step size of the dual ascent on log alpha, per optimizer step and nat of gap",
         gt=0,
     )
+    entropy_on: Literal["samples", "compared"] = option(
+        "samples",
+        "loss.target_entropy's measure: samples = the policy's online samples of the regularization prompts "
+        "(see entropy_min_prob); compared = exact, of the policy restricted to each prompt's compared "
+        "responses in the batch (what SPO's alpha sets; needs no online samples)",
+    )
+    entropy_min_prob: float = option(
+        0.01,
+        "loss.entropy_on=samples: the entropy is that of the policy among its likely responses, those it "
+        "gives with probability >= this (renormalized); 0: the whole output distribution, long tail included",
+        ge=0,
+        lt=1,
+    )
     sspo_lambda: float = option(
         0.0,
         "weight lambda of the self-supervised preference degree loss (Li et al. 2024): a head on the policy's "

@@ -30,11 +30,12 @@ def check_regularizer(cfg: Config) -> None:
                 "loss.target_entropy",
                 f"adapts SPO's alpha, and loss.name={loss.name} has none; use an SPO loss or set it to 0",
             )
-        if not draws_online_samples(cfg):
+        if loss.entropy_on == "samples" and not draws_online_samples(cfg):
             raise ConfigError(
                 "loss.target_entropy",
                 "is measured on the policy's online samples: set loss.kl_coef > 0 and loss.kl_on=online "
-                f"(now kl_coef={loss.kl_coef:g}, kl_on={loss.kl_on}), or set it to 0",
+                f"(now kl_coef={loss.kl_coef:g}, kl_on={loss.kl_on}), or measure it with loss.entropy_on=compared, "
+                "or set it to 0",
             )
 
 

@@ -59,6 +59,8 @@ def build_models(cfg: Config, loop_config: dict, worker: Worker):
         importance_clip=cfg.rollout.importance_clip,
         compute_dtype=torch.bfloat16 if mixed else None,
         kl_on=cfg.loss.kl_on,
+        entropy_on=cfg.loss.entropy_on if cfg.loss.target_entropy > 0 else "",
+        entropy_min_prob=cfg.loss.entropy_min_prob if cfg.loss.target_entropy > 0 else 0.0,
     )
     if cfg.loss.sspo_lambda > 0:  # the degree head: outside the policy, same init on every rank
         ctx.degree = DegreeAux.build(

@@ -27,6 +27,8 @@ class StepContext:
     compute_dtype: torch.dtype | None = None  # autocast dtype of the forwards (bf16); None: the weights' own
     kl_on: str = "online"  # where the KL is taken: "online" samples, or the "dataset"'s own responses
     degree: Any = None  # training/degree.py `DegreeAux` when loss.sspo_lambda > 0, else None
+    entropy_on: str = ""  # loss.entropy_on when loss.target_entropy is on; "": the dial is off
+    entropy_min_prob: float = 0.0  # loss.entropy_min_prob: how likely a response counts in the entropy
 
     def autocast(self) -> AbstractContextManager:
         """Mixed precision for model forwards only: the loss math after them runs in float32, outside it."""

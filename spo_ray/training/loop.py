@@ -141,7 +141,15 @@ def train_step(
         stale_resamples=float(online.stale_resamples if online else 0),
     )
     metrics = worker.reduce(totals)  # the same values on every rank: α moves in step everywhere
-    adapt_alpha(ctx, state, metrics, cfg.loss.target_entropy, cfg.loss.alpha_lr)
+    adapt_alpha(
+        ctx,
+        state,
+        metrics,
+        cfg.loss.target_entropy,
+        cfg.loss.alpha_lr,
+        cfg.loss.entropy_min_prob,
+        cfg.loss.entropy_on,
+    )
     metrics.update(data_epoch=float(state.epoch), data_consumed=float(state.consumed_in_epoch))
     metrics["tokens_per_s"] = metrics.pop("tokens") * worker.world / elapsed
     metrics["pairs_per_s"] = cfg.train.batch_size * accum * worker.world / elapsed

@@ -3,6 +3,7 @@ log-probs and entropy of the policy on them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -154,9 +155,11 @@ def _entered(*managers) -> ExitStack:
 
 
 def kl_metrics(
-    kl, sample_logps: torch.Tensor, entropy: torch.Tensor, samples: SampleBatch
+    kl, sample_logps: torch.Tensor, entropy: torch.Tensor, samples: SampleBatch, min_prob: float = 0.0
 ) -> dict[str, float]:
-    """The step's logged values of the regularizer: KL estimates, importance weights, sample entropy."""
+    """The step's logged values of the regularizer: KL estimates, importance weights, sample entropy; with
+    `min_prob` > 0 (loss.entropy_min_prob) also the two sums of the likely responses' entropy
+    (`entropy_dial.likely_entropy`)."""
     gap = kl.behavior_logp_gap
     metrics = {
         "kl_k1": kl.kl_k1.mean().item(),
@@ -174,4 +177,17 @@ def kl_metrics(
     rows = samples.response_mask[:, 1:].bool().nonzero(as_tuple=True)[0]
     per_sample = entropy.new_zeros(samples.input_ids.shape[0]).index_add(0, rows, entropy)
     metrics["entropy/response"] = per_sample.mean().item()
+    if min_prob > 0:
+        metrics.update(likely_entropy_sums(sample_logps, min_prob))
     return metrics
+
+
+def likely_entropy_sums(sample_logps: torch.Tensor, min_prob: float) -> dict[str, float]:
+    """The two sample means `entropy_dial.likely_entropy` reads: the fraction of samples at least `min_prob`
+    likely, and −lp_θ(y) summed over those samples ÷ all samples. Plain means over samples, so the all-ranks
+    mean of each is the pooled one."""
+    likely = sample_logps >= math.log(min_prob)
+    return {
+        "entropy/likely_fraction": likely.float().mean().item(),
+        "entropy/likely_neglogp": torch.where(likely, -sample_logps, 0.0).mean().item(),
+    }

@@ -17,6 +17,7 @@ from spo_ray.losses import preference_metrics, trl_metrics
 from spo_ray.training.context import StepContext
 from spo_ray.training.dataset_kl import dataset_kl_metrics, dataset_kl_output
 from spo_ray.training.degree import degree_terms
+from spo_ray.training.entropy_dial import COMPARED, compared_entropy
 from spo_ray.training.samples import SampleBatch, kl_metrics, kl_regularizer_output
 from spo_ray.training.terms import ResponseForwards, preference_terms
 
@@ -40,6 +41,8 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
     metrics.update({k: v.item() for k, v in preference_metrics(terms).items()})
     # TRL's names; rewards/* only where this step has reference log-probs (reference-based losses)
     metrics.update({k: v.mean().item() for k, v in trl_metrics(terms, ctx.params.beta).items()})
+    if ctx.entropy_on == "compared":  # loss.target_entropy measured on the batch's compared responses
+        metrics[COMPARED] = compared_entropy(batch, terms.policy_logps)
     num_tokens = int(batch.response_lengths.sum() + batch.prompt_lengths.sum())
     if ctx.degree is not None:  # Li et al.'s L = L_align + λ·L_ssl (training/degree.py)
         degree_ce, degree_acc = degree_terms(ctx, batch)
@@ -52,7 +55,7 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
     if samples is not None and ctx.kl_coef > 0 and ctx.kl_on == "online":
         kl, sample_logps, entropy = kl_regularizer_output(ctx, samples)
         loss = loss + ctx.kl_coef * kl.loss.mean()
-        metrics.update(kl_metrics(kl, sample_logps, entropy, samples))
+        metrics.update(kl_metrics(kl, sample_logps, entropy, samples, ctx.entropy_min_prob))
         num_tokens += int(samples.attention_mask.sum().item())
     metrics["loss"] = loss.item()
     return StepOutput(loss=loss, metrics=metrics, num_tokens=num_tokens)
