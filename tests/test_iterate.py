@@ -164,6 +164,10 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
             "rollout.overlap=false",  # lag 0: rollout log-probs must equal the trainer's
             "loss.name=spo",
             "loss.kl_coef=0.1",
+            # the entropy dial on the rounds' own candidates: α goes on from round to round
+            "loss.target_entropy=1.5",
+            "loss.entropy_on=compared",
+            "loss.alpha_lr=0.1",
             "train.batch_size=8",
             "train.lr=5e-3",
             "train.warmup_steps=0",
@@ -184,6 +188,13 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
     first_steps = {
         n: _read_jsonl(out / "rounds" / f"round_{n}" / "train" / "metrics.jsonl")[0] for n in (1, 2)
     }
+    # round 2's first α is one dual-ascent step on from round 1's last, not loss.alpha again
+    from spo_ray.training.entropy_dial import dual_ascent_alpha
+
+    last_of_1 = _read_jsonl(out / "rounds" / "round_1" / "train" / "metrics.jsonl")[-1]
+    assert first_steps[1]["alpha"] == 1.0 and 0 < last_of_1["entropy/measured"] <= math.log(8)
+    carried = dual_ascent_alpha(last_of_1["alpha"], 1.5, last_of_1["entropy/measured"], 0.1)
+    assert first_steps[2]["alpha"] == pytest.approx(carried, rel=1e-9) and carried != 1.0
     # Round 1 starts at π_0 (a zero adapter): no KL. Round 2 starts at π_1 and is still measured against π_0.
     assert first_steps[1]["kl_token"] < 1e-6
     assert first_steps[2]["kl_token"] > 1e-4

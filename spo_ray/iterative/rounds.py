@@ -188,6 +188,20 @@ class _Round:
             "mean_score": mean_score(judgements),
         }
 
+    def start_alpha(self, number: int) -> float:
+        """SPO's α for round `number`'s first step: loss.alpha, or with loss.target_entropy the α the dial
+        had reached after the previous round's last step (its next step's α), so α is not reset each round."""
+        loss = self.cfg.loss
+        previous = self.rounds_dir / f"round_{number - 1}" / "train" / "summary.json"
+        if loss.target_entropy <= 0 or number == 1 or not previous.exists():
+            return loss.alpha
+        from spo_ray.training.entropy_dial import dual_ascent_alpha
+
+        last = json.loads(previous.read_text())["final_metrics"]
+        if "entropy/measured" not in last:  # its last step measured nothing: α held
+            return last.get("alpha", loss.alpha)
+        return dual_ascent_alpha(last["alpha"], loss.target_entropy, last["entropy/measured"], loss.alpha_lr)
+
     def _train(self, number: int, current: str, examples_path: Path, judging: dict) -> dict:
         """k optimizer steps from `current` on the round's rows (and `replay_rounds` earlier rounds' rows);
         resumes from its checkpoints, and is skipped once its final/ exists."""
@@ -212,6 +226,7 @@ class _Round:
         round_cfg = dataclasses.replace(
             cfg,
             model=dataclasses.replace(cfg.model, path=current),
+            loss=dataclasses.replace(cfg.loss, alpha=self.start_alpha(number)),
             data=dataclasses.replace(
                 cfg.data,
                 train_files=[str(path) for path in [*replayed, examples_path]],
