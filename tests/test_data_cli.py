@@ -51,6 +51,32 @@ def test_validate_exits_2_listing_the_first_20_problems_as_file_line_field_reaso
     assert len(lines) == 27 and lines[-1].startswith(f"  {path}:23: rejected:")
 
 
+def test_validate_with_a_dimension_counts_other_dimensions_and_names_unlabelled_rows(tmp_path, capsys):
+    """`--dimension` selects rows as data.dimension does (Sequential PO stages): other dimensions' rows are
+    counted, not bad; a row without a usable label is bad, named file:line."""
+    rows = [
+        {**GOOD[0], "dimension": "helpful"},
+        {**GOOD[1], "dimension": "harmless"},
+        {**GOOD[2], "dimensions": ["helpful", "harmless"]},
+        {**GOOD[0], "dimensions": []},
+    ]
+    path = tmp_path / "dims.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "validate", str(path), "--dimension", "helpful"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [
+        "rows read: 4",
+        "ok: 2",
+        "bad: 1",
+        "  bad_dimension: 1",
+        "rows of other dimensions (left out by --dimension helpful): 1",
+    ]
+    assert any(line.startswith(f"  {path}:4: dimensions: ") for line in lines)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert main(["data", "validate", str(path), "--dimension", "harmless"]) == 0
+    assert "rows of other dimensions (left out by --dimension harmless): 1" in capsys.readouterr().out
+
+
 def test_validate_names_a_missing_path_and_exits_2(tmp_path, capsys):
     assert main(["data", "validate", str(tmp_path / "nope.jsonl")]) == 2
     assert "PATH[0]: " in capsys.readouterr().err

@@ -12,7 +12,13 @@ def validate(args: argparse.Namespace) -> int:
     from spo_ray.data.checks import validate_paths
 
     report = validate_paths(
-        args.paths, args.format, args.tokenizer, args.max_length, args.max_prompt_length, args.on_long_rows
+        args.paths,
+        args.format,
+        args.tokenizer,
+        args.max_length,
+        args.max_prompt_length,
+        args.on_long_rows,
+        args.dimension,
     )
     print(report.render(limit=20))
     if report.rows_read == 0:
@@ -63,6 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "validate", help="read every row; print counts by reason; exit 2 with the first 20 problems"
     )
     _common(check)
+    check.add_argument(
+        "--dimension",
+        default="",
+        help="as data.dimension: only rows labelled with it count; a row without a usable label is bad",
+    )
     check.set_defaults(run=validate)
     show = actions.add_parser(
         "inspect", help="show the first normalized examples (templated with --tokenizer)"

@@ -35,6 +35,8 @@ class ValidationReport:
     lengths_checked: bool = False  # with a tokenizer only: rows are templated and measured
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    other_dimension: int = 0  # rows labelled only with dimensions other than --dimension (left out)
+    dimension: str = ""  # --dimension (data.dimension); "": rows are not selected by dimension
     empty_files: list[str] = field(default_factory=list)  # files no row was read from
     unread_files: list[str] = field(default_factory=list)  # files in the given folders that are not read
 
@@ -49,6 +51,10 @@ class ValidationReport:
         """The report as printed: counts, then up to `limit` problems as file:line: field: reason."""
         lines = [f"rows read: {self.rows_read}", f"ok: {self.ok}", f"bad: {sum(self.bad.values())}"]
         lines += [f"  {reason}: {count}" for reason, count in sorted(self.bad.items())]
+        if self.dimension:
+            lines.append(
+                f"rows of other dimensions (left out by --dimension {self.dimension}): {self.other_dimension}"
+            )
         if self.lengths_checked:
             lines.append(f"prompts cut from the left to --max-prompt-length: {self.prompts_truncated}")
             lines.append(f"rows with responses cut to --max-length: {self.responses_truncated}")
@@ -75,7 +81,9 @@ def _chunks(sources: list[Source]) -> list[Chunk]:
     return plan_chunks(sources, ROWS_PER_CHUNK, "train")
 
 
-def _in_order(chunk: Chunk, pending: list[tuple[RawRow, Example | RowProblem]], templater: Templater | None):
+def _in_order(
+    chunk: Chunk, pending: list[tuple[RawRow, Example | RowProblem | None]], templater: Templater | None
+):
     examples = [item for _, item in pending if isinstance(item, Example)]
     encoded = iter(templater.encode(examples) if templater else [None] * len(examples))
     for raw, item in pending:
@@ -83,12 +91,15 @@ def _in_order(chunk: Chunk, pending: list[tuple[RawRow, Example | RowProblem]], 
         yield (chunk, raw, tokens, None) if isinstance(tokens, RowProblem) else (chunk, raw, item, tokens)
 
 
-def _checked(chunks: list[Chunk], fmt: str, templater: Templater | None) -> Iterator[tuple]:
-    """(chunk, raw row, Example or RowProblem, TokenizedExample or None) for every row, in file order."""
+def _checked(
+    chunks: list[Chunk], fmt: str, templater: Templater | None, dimension: str = ""
+) -> Iterator[tuple]:
+    """(chunk, raw row, Example or RowProblem, TokenizedExample or None) for every row, in file order; the
+    item is None for a row `dimension` leaves out."""
     num_responses = peek_num_responses(chunks, fmt)
     for chunk in chunks:
-        pending: list[tuple[RawRow, Example | RowProblem]] = []
-        for raw, item in iter_examples(iter_chunk_rows(chunk), fmt):
+        pending: list[tuple[RawRow, Example | RowProblem | None]] = []
+        for raw, item in iter_examples(iter_chunk_rows(chunk), fmt, dimension=dimension):
             if isinstance(item, Example):
                 item = check_count(item, num_responses) or item
             pending.append((raw, item))
@@ -113,15 +124,22 @@ def validate_paths(
     max_length: int = 512,
     max_prompt_length: int = 256,
     on_long_rows: str = "truncate",
+    dimension: str = "",
 ) -> ValidationReport:
-    """Read every row (no Ray, constant memory); with a tokenizer, lengths are checked (and cuts counted) too."""
-    report = ValidationReport(lengths_checked=bool(tokenizer_path), unread_files=unread_files(paths))
+    """Read every row (no Ray, constant memory); with a tokenizer, lengths are checked (and cuts counted) too;
+    with `dimension` (as data.dimension) rows are selected by their label as training selects them."""
+    report = ValidationReport(
+        lengths_checked=bool(tokenizer_path), unread_files=unread_files(paths), dimension=dimension
+    )
     templater = _templater(tokenizer_path, max_length, max_prompt_length, on_long_rows)
     sources = resolve_sources(paths, "PATH")
     rows_by_file: Counter = Counter()
-    for chunk, raw, item, tokens in _checked(_chunks(sources), fmt, templater):
+    for chunk, raw, item, tokens in _checked(_chunks(sources), fmt, templater, dimension):
         report.rows_read += 1
         rows_by_file[raw.path] += 1
+        if item is None:  # labelled with other dimensions only: training leaves it out, not a problem
+            report.other_dimension += 1
+            continue
         if isinstance(item, RowProblem):
             report.add(raw, item, chunk)
             continue
