@@ -71,6 +71,7 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
     # the global KL on online samples: exact token KL and k3 are never negative; samples have tokens
     assert last["kl_token"] >= 0 and last["kl_k3"] >= 0 and last["sample_tokens"] > 0
     assert last["sample_entropy"] > 0 and last["pref_loss"] > 0
+    assert 0 < last["kl_forward_seconds"] < last["step_seconds"]  # the KL forwards' own time, within the step
     assert 0 <= last["data_wait_frac"] + last["gen_wait_frac"] <= 1
     assert last["policy_lag"] == 0
     # rollout log-probs of the sampled tokens match the trainer's: the weights really were synced

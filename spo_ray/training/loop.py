@@ -114,6 +114,8 @@ def train_step(
         for key, value in out.metrics.items():
             totals[key] = totals.get(key, 0.0) + value / accum
         totals["tokens"] += out.num_tokens
+    if "kl_forward_seconds" in totals:  # a time, summed over the micro-steps rather than averaged
+        totals["kl_forward_seconds"] *= accum
     if cfg.train.max_grad_norm > 0:
         totals["grad_norm"] = clip_grad_norm(ctx.policy.parameters(), cfg.train.max_grad_norm)
     if ctx.degree is not None:  # loss.sspo_lambda's head: its own optimizer, the policy's learning rate

@@ -8,6 +8,7 @@ forward over the online samples). Forwards run under the context's autocast; the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,13 @@ def compute_step(ctx: StepContext, batch: PreferenceBatch, samples: SampleBatch 
         loss = loss + ctx.kl_coef * kl.loss.mean()
         metrics.update(dataset_kl_metrics(kl))
     if samples is not None and ctx.kl_coef > 0 and ctx.kl_on == "online":
+        started = time.perf_counter()
         kl, sample_logps, entropy = kl_regularizer_output(ctx, samples)
+        if kl.loss.is_cuda:
+            torch.cuda.synchronize(kl.loss.device)
+        # the KL forwards' own compute (policy and reference on the samples): the online step's floor is the
+        # offline step plus this (bench/bench_online.py, online_overhead_vs_compute_floor)
+        metrics["kl_forward_seconds"] = time.perf_counter() - started
         loss = loss + ctx.kl_coef * kl.loss.mean()
         metrics.update(kl_metrics(kl, sample_logps, entropy, samples, ctx.entropy_min_prob))
         num_tokens += int(samples.attention_mask.sum().item())
