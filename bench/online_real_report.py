@@ -112,7 +112,7 @@ def section(data: dict, plot: str | None) -> list[str]:
         f"by spo_ray's rounds), {budget['candidates']} samples per prompt at T={budget['temperature']}, "
         f"{budget['rounds'] * budget['steps_per_round']} optimizer steps, one seed. Held-out: "
         f"{start['prompts']} test prompts × {start['samples_per_prompt']} samples at T=0.7, one evaluator "
-        "(transformers sampling, fixed seed) for every model; 95% CIs bootstrap over prompts (the gain's "
+        "(`spo-ray generate`: vLLM on CPU, seeded) for every model; 95% CIs bootstrap over prompts (the gain's "
         "interval is paired on the same prompts). Start: "
         f"{_pct(start['accuracy'])} [{_pct(start['accuracy_ci95'][0])}, {_pct(start['accuracy_ci95'][1])}], "
         f"pass@{start['samples_per_prompt']} {_pct(start['pass_at_n'])}, "
