@@ -63,7 +63,7 @@ class MemoryWatch:
         text = " ".join(proc.cmdline()) + " " + proc.name()
         if "RayTrainWorker" in text or "TrainWorker" in text:
             return "trainer"
-        if "Rollout" in text or "EngineCore" in text or "VLLM" in text.upper().split(":")[0]:
+        if "Rollout" in text or "EngineCore" in text or "VllmEngine" in text or "VLLM::" in text:
             return "vllm"
         parent = groups.get(proc.ppid())
         return parent if parent in ("trainer", "vllm") else "other"
