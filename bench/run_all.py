@@ -5,7 +5,9 @@ start fresh and free their memory): train (vs TRL and a bare PyTorch step, tiny 
 ray (real Ray Train runs, 1 vs 2 workers), online (online SPO overhead), rollout (bench_rollout.py:
 vLLM vs HF generation, weight sync vs memcpy), quality (the synthetic expert table), data
 (bench_data.py), kl_memory (bench_kl_memory.py: peak memory of the global-KL term, full logits vs
-chunked, SmolLM2), seqpo (bench_seqpo.py: Sequential PO's two stages vs the closed-form optimum); the
+chunked, SmolLM2), seqpo (bench_seqpo.py: Sequential PO's two stages vs the closed-form optimum),
+online_real (bench_online_real.py: SmolLM2+LoRA on the arithmetic task, spo_ray's iterative SPO/DPO vs
+TRL's GRPOTrainer and OnlineDPOTrainer; about an hour on its own); the
 report also carries cost_model.py's paper estimate for a 7–8B model on 8 GPUs. `--only a,b` runs some
 sections and rebuilds the report from the others' last JSON in bench/out/; `--report` only rebuilds the
 report. Budget: about 30 minutes on 2 free cores.
@@ -24,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data_vs_trl  # noqa: E402
 from common import BENCH_DIR, OUT, machine, read_json, run_python, write_json  # noqa: E402
 from cost_model import report as cost_model_report  # noqa: E402
+from online_real_report import make_plot as online_real_plot  # noqa: E402
+from online_real_report import results_keys as online_real_results  # noqa: E402
+from online_real_report import section as online_real_section  # noqa: E402
 
-SECTIONS = ("train", "ray", "online", "rollout", "quality", "data", "kl_memory", "seqpo")
+SECTIONS = ("train", "ray", "online", "rollout", "quality", "data", "kl_memory", "seqpo", "online_real")
 QUALITY_STEPS = 200
 
 
@@ -107,6 +112,8 @@ def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
         elif name == "seqpo":
             steps = "100" if quick else str(QUALITY_STEPS)
             run_python(BENCH_DIR / "bench_seqpo.py", ["--steps", steps, "--out", str(OUT / "seqpo.json")])
+        elif name == "online_real":  # SmolLM2 + LoRA on the arithmetic task vs TRL's online trainers (~1 h)
+            run_python(BENCH_DIR / "bench_online_real.py", ["--out", str(OUT / "online_real")])
         log[name] = {"ok": True, "seconds": round(time.perf_counter() - started, 1)}
         log[name]["load_average_1m"] = [load_at_start, round(os.getloadavg()[0], 2)]  # at start, at end
         log[name]["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -298,6 +305,7 @@ def report(log: dict) -> None:
     data = read_json(OUT / "data.json") or {}
     kl_memory = read_json(OUT / "kl_memory.json") or {}
     seqpo = read_json(OUT / "seqpo.json") or {}
+    online_real = read_json(OUT / "online_real" / "results.json") or {}
     results = headline(train, ray_runs, online, rollout, quality)
     results["kl_peak_memory_ratio"] = kl_memory.get("kl_peak_memory_ratio")
     lora_sync = _get(rollout, "lora", "smollm2", default=None)  # bench_rollout.py --lora-models
@@ -310,6 +318,7 @@ def report(log: dict) -> None:
         {k: kl_memory.get(k) for k in ("model", "settings", "check")} if kl_memory else None
     )
     results.update(seqpo_results(seqpo))
+    results.update(online_real_results(online_real))
     # bench_data.py --scale (needs an older checkout, so not a section): keep its last figures
     scale = read_json(OUT / "data_scale.json") or read_json(BENCH_DIR / "results.json") or {}
     results.update({k: scale.get(k) for k in ("data_read_amplification", "resume_seconds_ratio")})
@@ -371,6 +380,8 @@ def report(log: dict) -> None:
     lines += data_section(data)
     lines += kl_memory_section(kl_memory)
     lines += seqpo_section(seqpo)
+    plot = online_real_plot(online_real, BENCH_DIR / "online_real.png")
+    lines += online_real_section(online_real, plot.name if plot else None)
     lines += cost_model_report() + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += quality_plots(quality)
