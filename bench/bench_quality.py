@@ -106,7 +106,7 @@ def method_alpha(overrides: list[str]) -> float:
 
 
 def dial_entropy(metrics: dict) -> float:
-    """loss.target_entropy rows: the entropy the dial read at a step (its likely responses'), else the whole's."""
+    """loss.target_entropy rows: the entropy the dial read at a step (entropy/measured), else the whole's."""
     return metrics.get("entropy/measured", metrics["entropy/response"])
 
 

@@ -5,6 +5,7 @@ RESULTS.md section and the headline keys). spo_ray's own rounds on the task: tes
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,18 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Importing TRL sets VLLM_LOGGING_LEVEL=ERROR in os.environ (trl/_compat.py) and its trainers set
+    MASTER_ADDR/PORT; later tests' subprocesses would inherit them. Each test here leaves the environment as it
+    found it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
 
 PROBLEM = (
     "Leo has 20 coins. Then Leo gives away 6. How many coins does Leo have now? Answer with just the number."

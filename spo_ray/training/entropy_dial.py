@@ -20,8 +20,12 @@ nothing about the long tail of rare responses, each far below τ, that the polic
 carries most of the whole distribution's entropy (on the synthetic expert task, with 10–28% of the mass
 outside S, the whole distribution's Ĥ stood 0.6–4.6 nats above the entropy on S), so a dial on it drove α to
 its floor while the answers themselves became deterministic (bench/RESULTS.md, Entropy as a dial). τ = 0.01
-keeps every response a user would see about once in a hundred draws or more, and leaves out rarer ones. Both measures are logged
-(`entropy/measured`, the one the dual ascent reads; `entropy/response`, the whole distribution's).
+keeps every response a user would see about once in a hundred draws or more, and leaves out rarer ones.
+
+With loss.entropy_on=compared, Ĥ is instead exact and needs no samples (`compared_entropy`): the entropy of
+π_θ restricted to each prompt's distinct responses in the batch, softmax of their lp_θ, averaged over prompts,
+which is the distribution whose optimum softmax(r/α) α sets. Every step logs `entropy/measured` (the Ĥ the
+dual ascent read) beside `entropy/response` (the whole distribution's, when there are online samples).
 
 Every rank uses the all-ranks mean of the step's metrics, so α is the same everywhere; it is part of
 `TrainState` (checkpointed, restored on resume). α stays within [ALPHA_MIN, ALPHA_MAX] so that an
@@ -66,9 +70,8 @@ def compared_entropy(batch: PreferenceBatch, policy_logps: torch.Tensor) -> floa
             tokens = ids[0, start : start + prompt_len + response_len].tolist()
         else:
             tokens = ids[k, : prompt_len + response_len].tolist()
-        if response_len > 0:  # a best-of-n row's padding slot holds no response
-            responses = by_prompt.setdefault(tuple(tokens[:prompt_len]), {})
-            responses.setdefault(tuple(tokens[prompt_len:]), logp)
+        responses = by_prompt.setdefault(tuple(tokens[:prompt_len]), {})
+        responses.setdefault(tuple(tokens[prompt_len:]), logp)  # the same response again: the same lp_θ
     entropies = []
     for responses in by_prompt.values():
         q = torch.tensor(list(responses.values()), dtype=torch.float64).log_softmax(0)
