@@ -299,15 +299,9 @@ def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: fl
         peft_config=_lora(),
         callbacks=[clock.callback],
     )
-    trainer.train()
-    end = time.perf_counter() - started
-    clock.merge_all(model)
-    return {
-        "wall_seconds": round(end, 1),
-        "points": clock.points,
-        "log_history": trainer.state.log_history,
-        "generation": "vLLM colocate" if spec.get("use_vllm") else "transformers generate",
-    }
+    return _train(
+        trainer, clock, model, started, "vLLM colocate" if spec.get("use_vllm") else "transformers generate"
+    )
 
 
 def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, started: float) -> dict:
@@ -335,6 +329,11 @@ def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, start
         peft_config=_lora(),
         callbacks=[clock.callback],
     )
+    return _train(trainer, clock, model, started, "transformers generate")
+
+
+def _train(trainer, clock, model: str, started: float, generation: str) -> dict:
+    """Run a TRL trainer to the end of its budget; its wall time from `started`, and the clock's points."""
     trainer.train()
     end = time.perf_counter() - started
     clock.merge_all(model)
@@ -342,7 +341,7 @@ def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, start
         "wall_seconds": round(end, 1),
         "points": clock.points,
         "log_history": trainer.state.log_history,
-        "generation": "transformers generate",
+        "generation": generation,
     }
 
 
