@@ -208,7 +208,8 @@ def test_verbose_cli_shows_the_library_lines_a_default_run_hides(tmp_path):
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert VLLM_INFO.search(output) and "Failed to load weights" in output
+    # the whole console on failure: once in a full suite (2026-12-03) no vLLM line reached it, not reproduced since
+    assert VLLM_INFO.search(output) and "Failed to load weights" in output, output[-8000:]
     assert "Requesting resources" in output  # Ray Train's controller
 
 
