@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from spo_ray.losses import kl_per_position
 from spo_ray.tasks.arithmetic import final_number, score
 
 
@@ -104,12 +105,12 @@ def sequence_kl(policy, start, rows, batch: int = 8) -> list[float]:
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for j, s in enumerate(seqs):  # right padding: positions as in an unpadded run
             ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
-        lp = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        lq = torch.log_softmax(start(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        for j, (_, p, r, _) in enumerate(chunk):
-            positions = slice(len(p) - 1, len(p) - 1 + len(r))  # the logits that predict response tokens
-            a, b = lp[j, positions], lq[j, positions]
-            kls.append(float((a.exp() * (a - b)).sum()))
+        per_position = kl_per_position(
+            policy(input_ids=ids, attention_mask=mask).logits,
+            start(input_ids=ids, attention_mask=mask).logits,
+        )  # [B, T]
+        for j, (_, p, r, _) in enumerate(chunk):  # the positions whose logits predict response tokens
+            kls.append(float(per_position[j, len(p) - 1 : len(p) - 1 + len(r)].sum()))
     return kls
 
 

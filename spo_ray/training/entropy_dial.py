@@ -110,18 +110,13 @@ def adapt_alpha(
     if target <= 0:
         return
     alpha = ctx.params.alpha
-    if on == "compared":
-        metrics.update({"alpha": alpha, "entropy/target": target, "entropy/measured": metrics[COMPARED]})
-        state.alpha = dual_ascent_alpha(alpha, target, metrics[COMPARED], lr)
-        ctx.params = dataclasses.replace(ctx.params, alpha=state.alpha)
-        return
-    if WHOLE not in metrics:
+    if on != "compared" and WHOLE not in metrics:
         raise RuntimeError(
             "loss.target_entropy: this step drew no online samples to measure the entropy on "
             "(loss.kl_coef > 0 and loss.kl_on=online draw them)"
         )
     metrics.update({"alpha": alpha, "entropy/target": target})
-    measured = likely_entropy(metrics, min_prob)
+    measured = metrics[COMPARED] if on == "compared" else likely_entropy(metrics, min_prob)
     if measured is None:  # every sample was rarer than loss.entropy_min_prob: α holds
         return
     metrics["entropy/measured"] = measured
