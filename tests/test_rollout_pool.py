@@ -199,6 +199,38 @@ def test_generate_async_returns_pending_samples_while_the_caller_works(pool):
     assert busy and len(samples) == 4 and pending.done()
 
 
+def test_a_queued_sync_returns_while_the_engine_generates_and_the_next_generation_uses_it(pool, hf_model):
+    old_version = pool.policy_version
+    running = pool.generate_async([TOKEN_PROMPT] * 16, n=4, max_tokens=200, seed=11)
+    policy = perturbed(hf_model, scale=0.05, seed=4)
+    weights = {name: tensor.clone() for name, tensor in state_dict_for_sync(policy).items()}
+    queued = pool.sync_weights(weights, version=old_version + 1, wait=False)
+    # a waiting sync would have queued behind the generation: this one returned while it still runs
+    assert queued == {"queued": True, "version": old_version + 1} and not running.done()
+    with torch.no_grad():  # the optimizer's next step: the payload was copied, the engines never see this
+        for tensor in weights.values():
+            tensor.zero_()
+    assert {s.policy_version for s in flat(running.result(timeout=300))} == {old_version}
+    samples = flat(pool.generate([TOKEN_PROMPT, "Why does the river move?"], n=2, max_tokens=16))
+    assert {s.policy_version for s in samples} == {old_version + 1}
+    assert pool.policy_version == old_version + 1
+    assert logprob_gap(policy, samples) < 1e-3
+    report = pool.wait_for_weights()
+    assert report["version"] == old_version + 1 and report["load_seconds"] > 0 and report["bytes"] > 0
+
+
+def test_a_queued_load_that_fails_is_raised_by_the_next_call_and_the_old_weights_stay(pool, hf_model):
+    version = pool.policy_version + 1
+    pool.sync_weights(state_dict_for_sync(hf_model), version)
+    bad = {"model.embed_tokens.weight": torch.zeros(3, 5)}  # no model has this shape
+    assert pool.sync_weights(bad, version=version + 1, wait=False)["queued"]
+    with pytest.raises(UserError, match=f"weights of version {version + 1} do not fit"):
+        pool.wait_for_weights()
+    assert pool.wait_for_weights()["version"] == version  # raised once; the last good load is still served
+    assert pool.policy_version == version
+    assert {s.policy_version for s in flat(pool.generate([TOKEN_PROMPT], n=2, max_tokens=6))} == {version}
+
+
 def test_bad_sampling_parameters_and_prompts_raise_clear_errors(pool):
     for bad, word in [
         ({"n": 0}, "n=0"),

@@ -28,9 +28,16 @@ from ray.exceptions import (
 )
 
 from spo_ray.rollout.engines import engine_class
+from spo_ray.rollout.loads import WeightLoads
 from spo_ray.rollout.placement import Placement
-from spo_ray.rollout.transports import copies_report
-from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, derive_seed
+from spo_ray.rollout.types import (
+    Prompt,
+    RolloutError,
+    Sample,
+    SamplingSettings,
+    derive_seed,
+    raise_cause,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +79,14 @@ class _Chunk:
     errors: list[str] = field(default_factory=list)
 
 
-def raise_cause(exc: RayTaskError) -> None:
-    """Re-raise the exception a remote call raised, without Ray's wrapper."""
-    cause = exc
-    while isinstance(cause, RayTaskError) and cause.cause is not None:
-        cause = cause.cause
-    raise cause from None
-
-
-class RolloutManager:
+class RolloutManager(WeightLoads):
     """Runs as a threaded Ray actor (`num_cpus=0`); see the module docstring."""
 
     def __init__(self, spec: EngineSpec, num_actors: int):
         self.spec = spec
         self.num_actors = num_actors
         self.slots: list[_Slot] = []
-        self.latest: tuple[list[ray.ObjectRef], int] | None = None  # weight buckets a replacement must load
-        self.latest_lora: tuple[dict[str, Any], int] | None = None  # and the LoRA adapter served on top
-        self.policy_version = 0
+        self._init_loads()  # the latest weights and the policy version (loads.py)
         self.calls = 0
         self.replacements = 0
         self.lock = threading.Lock()  # short critical sections: counters, slot choice
@@ -163,6 +160,7 @@ class RolloutManager:
         """Split prompts over the engines, wait with deadlines, retry chunks on replaced engines."""
         if not prompts:
             return []
+        self._raise_load_error()  # a queued load failed: say so rather than serve the old weights silently
         with self.lock:
             call_seed = seed if seed is not None else self.calls
             self.calls += 1
@@ -255,61 +253,6 @@ class RolloutManager:
             return ready, []
         now = time.monotonic()
         return [], [ref for ref, deadline in deadlines.items() if deadline <= now]
-
-    # -- weights --------------------------------------------------------------------------------
-    def load_weights(
-        self,
-        refs: list[ray.ObjectRef],
-        version: int,
-        source_node: str = "",
-        lora: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Every engine loads the weight buckets `refs` (a list, so Ray passes the refs, not the buckets)
-        before this returns; what moved where.
-
-        `source_node`: the node that put the buckets. The report counts their copies that Ray's object
-        directory lists on other nodes: bytes that crossed between object stores for this sync.
-        `lora`: a LoRA adapter (`{"refs", "config"}`) to serve on top; `refs` may then be empty (keep the base).
-        Full weights without `lora` replace the base and drop any adapter.
-        """
-        refs = list(refs)
-        with self.membership:
-            previous = self.latest, self.latest_lora
-            if refs:
-                self.latest = (refs, version)
-            self.latest_lora = (lora, version) if lora is not None else None
-            targets = list(self.slots)
-        pending = {}
-        for slot in targets:
-            call, incarnation = self._call(slot, "load_weights", refs, version, lora)
-            pending[call] = (slot, incarnation)
-        while pending:
-            finished, overdue = self._wait({r: slot for r, (slot, _) in pending.items()})
-            for done in finished:
-                slot, inc = pending.pop(done)
-                self._settle(slot, done)
-                try:
-                    ray.get(done)
-                except RayTaskError as exc:
-                    with self.membership:
-                        if self.latest_lora == ((lora, version) if lora is not None else None):
-                            self.latest, self.latest_lora = previous
-                    raise_cause(exc)
-                except RayError as exc:  # the replacement loads `self.latest`
-                    self._replace(slot, inc, f"engine {slot.index} died while loading ({type(exc).__name__})")
-            for late in overdue:
-                slot, inc = pending.pop(late)
-                self._settle(slot, late)
-                self._replace(slot, inc, f"engine {slot.index} did not load weights within timeout_s")
-        self.policy_version = version
-        moved = refs + (lora["refs"] if lora is not None else [])
-        return copies_report(moved, {slot.node_id for slot in self.slots}, source_node)
-
-    def record_synced(self, refs: list[ray.ObjectRef], version: int) -> None:
-        """A GPU transport delivered `version`; `refs` are its CPU copy's buckets, for replacements."""
-        with self.membership:
-            self.latest, self.latest_lora = (list(refs), version), None
-        self.policy_version = version
 
     def _replace(self, slot: _Slot, incarnation: int, reason: str) -> None:
         """Kill the engine in `slot` and start a new one that loads the latest weights first."""

@@ -17,10 +17,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spo_ray.errors import UserError
 from spo_ray.logs import process_env
-from spo_ray.rollout.manager import EngineSpec, RolloutManager, raise_cause
+from spo_ray.rollout.manager import EngineSpec, RolloutManager
 from spo_ray.rollout.placement import Placement
 from spo_ray.rollout.transports import ObjectStoreTransport, WeightTransport, make_transport
-from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, check_prompts
+from spo_ray.rollout.types import Prompt, RolloutError, Sample, SamplingSettings, check_prompts, raise_cause
 from spo_ray.rollout.weights import LoraAdapter
 
 BACKENDS = ("vllm", "hf")
@@ -222,7 +222,11 @@ class RolloutPool:
 
     # -- weights --------------------------------------------------------------------------------
     def sync_weights(
-        self, state_dict: dict[str, torch.Tensor], version: int, lora: LoraAdapter | None = None
+        self,
+        state_dict: dict[str, torch.Tensor],
+        version: int,
+        lora: LoraAdapter | None = None,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Every engine serves `state_dict` (HF names, see `state_dict_for_sync`) before this returns.
 
@@ -230,7 +234,13 @@ class RolloutPool:
         top of `state_dict` as their new base, or of the base they have when `state_dict` is empty; full
         weights without `lora` drop any adapter. Samples generated afterwards carry `policy_version ==
         version`. Returns what moved: `bytes` (the payload), `bytes_to_other_nodes` (copies Ray made in other
-        nodes' object stores; object-store transport only, 0 otherwise), `engine_nodes`.
+        nodes' object stores; object-store transport only, 0 otherwise), `engine_nodes`, `load_seconds`.
+
+        `wait=False` (object-store transport) returns as soon as the payload is in the object store and every
+        engine has its load queued: the caller may change its tensors at once and go on computing while the
+        engines flip to the new weights between two generations. Any generation requested afterwards is made
+        with them (or later ones). `wait_for_weights()` waits for the loads and raises what failed; a failure
+        also surfaces at the next sync or generation. Returns `{"queued": True, "version": version}`.
         """
         if not isinstance(state_dict, dict) or not (state_dict or lora is not None):
             raise UserError("sync_weights needs a non-empty dict of tensors (see state_dict_for_sync)")
@@ -246,12 +256,19 @@ class RolloutPool:
             self._transport = make_transport(self.transport_name, self.engine_options)
         try:
             if lora is not None:  # adapters travel through the object store whatever the transport
-                return ObjectStoreTransport().sync_lora(self.manager, state_dict, lora, version, self.bound_s)
-            return self._transport.sync(self.manager, state_dict, version, self.bound_s)
+                return ObjectStoreTransport().sync_lora(
+                    self.manager, state_dict, lora, version, self.bound_s, wait
+                )
+            return self._transport.sync(self.manager, state_dict, version, self.bound_s, wait)
         except GetTimeoutError:
             raise RolloutError(f"sync_weights: no answer within {self.bound_s:g} s") from None
         except RayTaskError as exc:
             raise_cause(exc)
+
+    def wait_for_weights(self) -> dict[str, Any]:
+        """Wait until every engine serves the weights of the last `sync_weights` (a no-op after a waiting one);
+        raise the error a queued load met. Returns the report of the last completed load (`{}` before any)."""
+        return _wait(self.manager.wait_loaded.remote(), self.bound_s, "waiting for queued weight loads")
 
     @property
     def policy_version(self) -> int:

@@ -31,11 +31,18 @@ class WeightTransport(ABC):
 
     @abstractmethod
     def sync(
-        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+        self,
+        manager: Any,
+        state_dict: dict[str, torch.Tensor],
+        version: int,
+        timeout_s: float,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Return once every engine serves `state_dict` as `version`: a report of what moved where
-        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights). A LoRA adapter
-        (with or without its base) always goes through the object store: `ObjectStoreTransport.sync_lora`."""
+        (`bytes`, `bytes_to_other_nodes`, `engine_nodes`; see RolloutManager.load_weights). With `wait=False`
+        a transport may return once the engines have the load queued (`{"queued": True, ...}`) and the state
+        dict may change; a GPU transport sends it first. A LoRA adapter (with or without its base) always
+        goes through the object store: `ObjectStoreTransport.sync_lora`."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release transport resources (process groups); the default has none."""
@@ -75,21 +82,32 @@ class ObjectStoreTransport(WeightTransport):
     """Buckets of tensors through the Ray object store: works everywhere, CPU included."""
 
     def sync(
-        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+        self,
+        manager: Any,
+        state_dict: dict[str, torch.Tensor],
+        version: int,
+        timeout_s: float,
+        wait: bool = True,
     ) -> dict[str, Any]:
-        refs = put_weights(state_dict)
+        refs = put_weights(state_dict)  # the only copy: afterwards the caller may change its tensors
         here = ray.get_runtime_context().get_node_id()
-        return ray.get(manager.load_weights.remote(refs, version, here), timeout=timeout_s)
+        return ray.get(manager.load_weights.remote(refs, version, here, None, wait), timeout=timeout_s)
 
     def sync_lora(
-        self, manager: Any, base: dict[str, torch.Tensor], adapter: Any, version: int, timeout_s: float
+        self,
+        manager: Any,
+        base: dict[str, torch.Tensor],
+        adapter: Any,
+        version: int,
+        timeout_s: float,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Every engine serves `adapter` (a LoraAdapter) as `version`, on top of `base` when given (else on the
         base it has): one atomic load per engine, so no sample is stamped `version` without the adapter."""
         refs = put_weights(base) if base else []
         lora = {"refs": put_weights(adapter.tensors), "config": adapter.config}
         here = ray.get_runtime_context().get_node_id()
-        return ray.get(manager.load_weights.remote(refs, version, here, lora), timeout=timeout_s)
+        return ray.get(manager.load_weights.remote(refs, version, here, lora, wait), timeout=timeout_s)
 
 
 class VllmTransferTransport(WeightTransport):
@@ -110,8 +128,14 @@ class VllmTransferTransport(WeightTransport):
         self.client: _EngineClient | None = None
 
     def sync(
-        self, manager: Any, state_dict: dict[str, torch.Tensor], version: int, timeout_s: float
+        self,
+        manager: Any,
+        state_dict: dict[str, torch.Tensor],
+        version: int,
+        timeout_s: float,
+        wait: bool = True,
     ) -> dict[str, Any]:
+        """Always waits: the broadcast reads the trainer's tensors, so it must end before they change."""
         if not torch.cuda.is_available():
             raise RolloutError(f"transport '{self.backend}' needs a CUDA device in the process that syncs")
         replacements, handles = ray.get(manager.engine_handles.remote(), timeout=timeout_s)

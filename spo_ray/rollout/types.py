@@ -18,6 +18,16 @@ class RolloutError(RuntimeError):
     """The rollout actors could not produce a result in time (dead, hung, or replaced too often)."""
 
 
+def raise_cause(exc: Exception) -> None:
+    """Re-raise the exception a remote call raised (a RayTaskError's cause), without Ray's wrapper."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc
+    while isinstance(cause, RayTaskError) and cause.cause is not None:
+        cause = cause.cause
+    raise cause from None
+
+
 @dataclass
 class Sample:
     """One generated response; `logprobs[i]` is the raw model log-prob of `token_ids[i]`."""
