@@ -6,7 +6,9 @@ Run: `.venv/bin/python bench/bench_online.py [--only ray,online] [--steps 40]`.
   batch and max_length as bench_train.py's tiny row, offline (`loss.kl_coef=0`): SPO and DPO with 1 worker,
   SPO with 2 workers (DDP over gloo). The in-process step of bench_train.py minus this is Ray's overhead.
 - `online`: the synthetic expert task (configs/tiny_cpu.yaml): SPO offline vs SPO online with the global
-  KL on samples from a vLLM rollout actor (synced every step), with and without generation overlap.
+  KL on samples from a vLLM rollout actor (synced every step): with generation overlap and the queued sync
+  (`rollout.async_sync`, the default), with overlap and a waiting sync (the behaviour before it), and
+  without overlap.
 
 Per-step figures are medians over the steady steps (the first `WARMUP` are dropped) of each run's
 metrics.jsonl; each step is one repetition. Step time is split into generation wait, data wait, weight
@@ -53,7 +55,9 @@ def step_profile(run_dir: Path, pairs_per_step: int) -> dict:
     steps = [m["step_seconds"] for m in rows]
     gen = [m["step_seconds"] * m.get("gen_wait_frac", 0.0) for m in rows]
     data = [m["step_seconds"] * m.get("data_wait_frac", 0.0) for m in rows]
-    sync = [m.get("sync_seconds", 0.0) for m in rows]
+    sync = [
+        m.get("sync_seconds", 0.0) for m in rows
+    ]  # what the trainer was held (gather, put, queue or wait)
     rest = [s - g - d - y for s, g, d, y in zip(steps, gen, data, sync)]
     step = median(steps)
     return {
@@ -65,6 +69,8 @@ def step_profile(run_dir: Path, pairs_per_step: int) -> dict:
         "sync_seconds": median(sync),
         "compute_seconds": median(rest),
         "kl_forward_seconds": median(m.get("kl_forward_seconds", 0.0) for m in rows),
+        # engine side: a sync's queuing to every engine serving it (off the trainer's path with async_sync)
+        "sync_load_seconds": median(m.get("sync_load_seconds", 0.0) for m in rows),
         "policy_lag": median(m.get("policy_lag", 0.0) for m in rows),
         "step_seconds_all": steps,
     }
@@ -139,8 +145,9 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
     results = {}
     variants = (
         ("offline", ["loss.kl_coef=0"]),
-        ("online_overlap", ["rollout.overlap=true"]),
-        ("online_no_overlap", ["rollout.overlap=false"]),
+        ("online_overlap", ["rollout.overlap=true", "rollout.async_sync=true"]),
+        ("online_overlap_wait_sync", ["rollout.overlap=true", "rollout.async_sync=false"]),
+        ("online_no_overlap", ["rollout.overlap=false", "rollout.async_sync=true"]),
     )
     for name, overrides in variants:
         cfg = load_config(
@@ -164,7 +171,12 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
     results["online_overhead_ratio"] = results["online_overlap"]["step_seconds"] / offline
     results["online_overhead_ratio_no_overlap"] = results["online_no_overlap"]["step_seconds"] / offline
     # issue 15's floor: the offline step plus the KL forwards' own compute, timed inside the online run's steps
-    for name in ("online_overlap", "online_no_overlap"):
+    suffixes = {
+        "online_overlap": "",
+        "online_overlap_wait_sync": "_wait_sync",
+        "online_no_overlap": "_no_overlap",
+    }
+    for name, suffix in suffixes.items():
         run = results[name]
         floor = offline + run["kl_forward_seconds"]
         run["compute_floor_seconds"] = floor
@@ -176,8 +188,7 @@ def online_runs(steps: int, out_dir: Path, task_root: Path) -> dict:
             - results["offline"]["compute_seconds"]
             - run["kl_forward_seconds"],  # the KL backward, sample collation, the step's other online work
         }
-        key = "online_overhead_vs_compute_floor" + ("" if name == "online_overlap" else "_no_overlap")
-        results[key] = run["step_seconds"] / floor
+        results["online_overhead_vs_compute_floor" + suffix] = run["step_seconds"] / floor
     results["settings"] = {
         "config": str(CONFIG.relative_to(REPO)),
         "batch_size": base.train.batch_size,

@@ -446,7 +446,9 @@ def online_section(online: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     offline = online["offline"]["step_seconds"]
-    for name in ("offline", "online_overlap", "online_no_overlap"):
+    for name in ("offline", "online_overlap", "online_overlap_wait_sync", "online_no_overlap"):
+        if name not in online:  # runs before rollout.async_sync had no waiting-sync row
+            continue
         r = online[name]
         floor = r.get("compute_floor_seconds", offline)
         lines.append(
@@ -741,7 +743,11 @@ def make_plots(train: dict, online: dict, rollout: dict) -> list[Path]:
         figure.savefig(paths[-1], dpi=110)
         plt.close(figure)
     if online:
-        names = ["offline", "online_overlap", "online_no_overlap"]
+        names = [
+            n
+            for n in ("offline", "online_overlap", "online_overlap_wait_sync", "online_no_overlap")
+            if n in online
+        ]
         parts = [
             ("compute_seconds", "compute", "#1f77b4"),
             ("gen_wait_seconds", "generation wait", "#d62728"),

@@ -51,6 +51,12 @@ class RolloutConfig:
         0.0, "truncated importance weights min(c, pi/pi_old) per token; 0 turns them off", ge=0
     )
     overlap: bool = option(True, "request the next step's samples while the current step computes")
+    async_sync: bool = option(
+        True,
+        "object-store syncs: rank 0 queues the new weights and trains on; each engine flips to them between two "
+        "generations (samples keep exact version stamps, max_policy_lag still holds). false: wait for every "
+        "engine to load before the next step",
+    )
     seed: int = option(0, "engine seed: samples reproducible for a seed, different across requests")
     timeout_s: float = option(300.0, "timeout of any remote rollout call before the actor is replaced", gt=0)
     gpu_memory_utilization: float = option(0.3, "vLLM GPU memory fraction (GPU build only)", gt=0, le=1)

@@ -101,7 +101,7 @@ def build_online(
         seed=cfg.train.seed,
     )
     if state.step > 0:  # resumed: the rollout must serve the restored weights
-        online.sync(model, state.step)  # every rank gathers (FSDP shards), rank 0 sends
+        online.sync(model, state.step, wait=True)  # every rank gathers (FSDP shards), rank 0 sends
         state.policy_version = state.step
         worker.barrier()
     return online

@@ -71,6 +71,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if shortfall is not None:  # every rank stops at this same step, before saving
                 stopped = {"disk_full": shortfall}
                 break
+    if online is not None:
+        online.finish()  # the engines serve the final weights when training returns
     logs.close()
     return stopped
 
@@ -140,6 +142,7 @@ def train_step(
         sync_seconds=sync_seconds,
         sync_bytes=float(synced.get("bytes", 0)),
         sync_bytes_other_nodes=float(synced.get("bytes_to_other_nodes", 0)),
+        sync_load_seconds=float(synced.get("load_seconds", 0)),  # queued -> served (hidden with async_sync)
         stale_resamples=float(online.stale_resamples if online else 0),
     )
     metrics = worker.reduce(totals)  # the same values on every rank: α moves in step everywhere

@@ -35,7 +35,7 @@ class OnlineSampler:
         self.seed = seed
         self.pending: dict[int, object] = {}
         self.stale_resamples = 0
-        self.last_sync: dict = {}  # the pool's report of the last sync (bytes, bytes_to_other_nodes, ...)
+        self.last_sync: dict = {}  # the pool's report of the last completed sync (bytes, load_seconds, ...)
         self.base_synced = False  # adapter syncs: the engines serve this run's frozen LoRA base
         if rank == 0:  # rollout.colocate: the engines' preferred node is the trainers', not the driver's
             pool.prefer_this_node()
@@ -93,24 +93,37 @@ class OnlineSampler:
                 return
             time.sleep(0.02)
 
-    def sync(self, model, version: int) -> float:
+    def sync(self, model, version: int, wait: bool | None = None) -> float:
         """Push the policy to every rollout actor: the LoRA-merged weights, or with engines that serve
         adapters (`pool.lora_adapters`, rollout.lora_sync) the LoRA adapter alone, its frozen base with the
-        first sync of this sampler. Returns seconds taken.
+        first sync of this sampler. Returns the seconds the caller was held.
 
         Every rank calls it: the full weights are gathered from every rank's FSDP shard (a collective), and
-        rank 0 sends them."""
+        rank 0 sends them. With rollout.async_sync (unless `wait`), rank 0 first waits for the previous sync
+        (one in flight at most: the served weights and the queued ones), then queues this one and returns;
+        `last_sync` reports the last sync that completed."""
         from spo_ray.models.sharding import unwrap_model
         from spo_ray.rollout.weights import lora_sync_payload, state_dict_for_sync
 
         start = time.perf_counter()
+        wait = not self.cfg.async_sync if wait is None else wait
         if getattr(self.pool, "lora_adapters", False) and hasattr(unwrap_model(model), "peft_config"):
             base, adapter = lora_sync_payload(model, with_base=not self.base_synced)
             if self.rank == 0:
-                self.last_sync = self.pool.sync_weights(base, version, lora=adapter) or {}
+                self._send(base, version, adapter, wait)
             self.base_synced = True
         else:
             weights = state_dict_for_sync(model)  # rank 0: the full weights; other ranks: {}
             if self.rank == 0:
-                self.last_sync = self.pool.sync_weights(weights, version) or {}
+                self._send(weights, version, None, wait)
         return time.perf_counter() - start
+
+    def _send(self, weights, version: int, adapter, wait: bool) -> None:
+        previous = self.pool.wait_for_weights()  # the last queued sync (done during this step, as a rule)
+        report = self.pool.sync_weights(weights, version, lora=adapter, wait=wait) or {}
+        self.last_sync = report if wait else previous
+
+    def finish(self) -> None:
+        """Rank 0: wait until the engines serve the last synced weights (a queued load's error is raised)."""
+        if self.rank == 0:
+            self.last_sync = self.pool.wait_for_weights()

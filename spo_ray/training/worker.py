@@ -14,7 +14,12 @@ import torch
 from spo_ray.logs import configure_logging
 
 # Metrics whose worst rank matters more than the mean: reduced with MAX instead.
-_MAX_ACROSS_RANKS = ("policy_lag", "sync_bytes", "sync_bytes_other_nodes")  # rank 0 alone syncs
+_MAX_ACROSS_RANKS = (
+    "policy_lag",
+    "sync_bytes",
+    "sync_bytes_other_nodes",
+    "sync_load_seconds",
+)  # rank 0 alone syncs
 
 
 def seed_everything(seed: int) -> None:
