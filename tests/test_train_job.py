@@ -92,7 +92,9 @@ def test_online_spo_job_writes_summary_and_final_model_then_resumes(ray_runtime,
     assert all("logps/chosen" in r and "entropy/samples" in r and r["kl/samples"] >= 0 for r in rows)
     # rollout.async_sync (the default): each step queues its sync and logs the last one that completed, so the
     # first step of a fresh run has none yet, and the first after the resume reports the resume's waited sync
-    assert rows[0]["sync_bytes"] == 0 and all(r["sync_bytes"] > 0 and r["sync_load_seconds"] > 0 for r in rows[1:])
+    assert rows[0]["sync_bytes"] == 0 and all(
+        r["sync_bytes"] > 0 and r["sync_load_seconds"] > 0 for r in rows[1:]
+    )
     # loss.target_entropy: every step logs the α it used; the next step's is one dual-ascent step on from it,
     # across the resume too (step 7 starts from the α saved with step 6's checkpoint)
     from spo_ray.training.entropy_dial import dual_ascent_alpha

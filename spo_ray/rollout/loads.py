@@ -70,9 +70,9 @@ class WeightLoads:
         if wait:
             return self._finish_load(*finish)
         thread = threading.Thread(target=self._finish_in_background, args=finish, daemon=True)
+        thread.start()  # before it is listed: wait_loaded drops threads that are not alive
         with self.lock:
             self.loading.append(thread)
-        thread.start()
         return {"queued": True, "version": version}
 
     def wait_loaded(self) -> dict[str, Any]:

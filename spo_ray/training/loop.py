@@ -122,6 +122,8 @@ def train_step(
         totals["grad_norm"] = clip_grad_norm(ctx.policy.parameters(), cfg.train.max_grad_norm)
     if ctx.degree is not None:  # loss.sspo_lambda's head: its own optimizer, the policy's learning rate
         ctx.degree.step(optimizer.param_groups[0]["lr"], cfg.train.max_grad_norm, worker.world)
+    if online is not None:
+        online.settle()  # the last step's queued sync has copied the weights out before they change
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

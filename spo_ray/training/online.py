@@ -6,11 +6,19 @@ are requested while step s computes, so lag is (sync_every − 1) + 1 at most. T
 `rollout.max_policy_lag` holds on every rank: a batch that lags more is thrown away, and the sampler waits
 until the engines serve a recent enough version (rank 0 syncs it; the other ranks may get there first)
 before generating again, as often as needed (each retry counted in `stale_resamples`).
+
+Syncs with `rollout.async_sync` (object store): rank 0 hands each sync to one thread that copies the weights
+into the object store and queues their load on the engines while the next step computes; rank 0's sample
+requests go through the same thread, so each queues behind the last sync, exactly as a waiting sync would
+order them, and the lags above are unchanged. The optimizer waits for that copy (`settle`) before it changes
+the weights.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -37,6 +45,8 @@ class OnlineSampler:
         self.stale_resamples = 0
         self.last_sync: dict = {}  # the pool's report of the last completed sync (bytes, load_seconds, ...)
         self.base_synced = False  # adapter syncs: the engines serve this run's frozen LoRA base
+        self._sender: ThreadPoolExecutor | None = None  # rank 0, rollout.async_sync: puts and queues syncs
+        self._sending: Future | None = None  # the sync it is putting: settled before the weights change
         if rank == 0:  # rollout.colocate: the engines' preferred node is the trainers', not the driver's
             pool.prefer_this_node()
 
@@ -52,18 +62,24 @@ class OnlineSampler:
     def request(self, step: int) -> None:
         """Start generating the samples that step `step` will use."""
         if step not in self.pending:
-            self.pending[step] = self.pool.generate_async(
+            request = partial(
+                self.pool.generate_async,
                 self._prompts_for(step),
                 n=self.cfg.samples_per_prompt,
                 max_tokens=self.cfg.max_tokens,
                 temperature=self.cfg.temperature,
                 top_p=self.cfg.top_p,
             )
+            # rank 0 with queued syncs: through their thread, so the request queues behind the last sync
+            self.pending[step] = self._sender.submit(request) if self._sender is not None else request()
 
     def _fetch(self, step: int) -> tuple[list, int]:
         """Wait for step's samples (requesting them if needed): (flat samples, policy lag)."""
         self.request(step)
-        samples = [s for group in self.pending.pop(step).result(timeout=self.cfg.timeout_s) for s in group]
+        pending = self.pending.pop(step)
+        if isinstance(pending, Future):  # the request went through the sync thread
+            pending = pending.result()
+        samples = [s for group in pending.result(timeout=self.cfg.timeout_s) for s in group]
         return samples, step - min(s.policy_version for s in samples)
 
     def get(self, step: int) -> tuple[list, float, int]:
@@ -100,8 +116,9 @@ class OnlineSampler:
 
         Every rank calls it: the full weights are gathered from every rank's FSDP shard (a collective), and
         rank 0 sends them. With rollout.async_sync (unless `wait`), rank 0 first waits for the previous sync
-        (one in flight at most: the served weights and the queued ones), then queues this one and returns;
-        `last_sync` reports the last sync that completed."""
+        (one in flight at most: the served weights and the queued ones), then hands this one to a thread that
+        copies it into the object store and queues it while the next step computes (`settle()` before the
+        optimizer changes the weights); `last_sync` reports the last sync that completed."""
         from spo_ray.models.sharding import unwrap_model
         from spo_ray.rollout.weights import lora_sync_payload, state_dict_for_sync
 
@@ -119,11 +136,28 @@ class OnlineSampler:
         return time.perf_counter() - start
 
     def _send(self, weights, version: int, adapter, wait: bool) -> None:
-        previous = self.pool.wait_for_weights()  # the last queued sync (done during this step, as a rule)
-        report = self.pool.sync_weights(weights, version, lora=adapter, wait=wait) or {}
-        self.last_sync = report if wait else previous
+        self.settle()
+        previous = (
+            self.pool.wait_for_weights()
+        )  # one sync in flight: the last (done during this step, as a rule)
+        if wait:
+            self.last_sync = self.pool.sync_weights(weights, version, lora=adapter) or {}
+            return
+        self.last_sync = previous
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spo-ray-weight-sync")
+        # the copy into the object store and the queuing run beside the next step's forward and backward
+        self._sending = self._sender.submit(self.pool.sync_weights, weights, version, adapter, False)
+
+    def settle(self) -> None:
+        """Rank 0: wait until the last queued sync has copied the weights out (call before they change, i.e.
+        before `optimizer.step()`); raise what it met."""
+        if self._sending is not None:
+            sending, self._sending = self._sending, None
+            sending.result()
 
     def finish(self) -> None:
         """Rank 0: wait until the engines serve the last synced weights (a queued load's error is raised)."""
         if self.rank == 0:
+            self.settle()
             self.last_sync = self.pool.wait_for_weights()
