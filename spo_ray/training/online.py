@@ -132,14 +132,14 @@ class OnlineSampler:
         else:
             weights = state_dict_for_sync(model)  # rank 0: the full weights; other ranks: {}
             if self.rank == 0:
-                self._send(weights, version, None, wait)
+                # a GPU transport's broadcast reads the trainer's tensors: it always waits
+                self._send(weights, version, None, wait or self.cfg.transport != "object_store")
         return time.perf_counter() - start
 
     def _send(self, weights, version: int, adapter, wait: bool) -> None:
         self.settle()
-        previous = (
-            self.pool.wait_for_weights()
-        )  # one sync in flight: the last (done during this step, as a rule)
+        # one sync in flight: wait for the last one (it had this whole step, so as a rule it is done)
+        previous = self.pool.wait_for_weights()
         if wait:
             self.last_sync = self.pool.sync_weights(weights, version, lora=adapter) or {}
             return
@@ -161,3 +161,6 @@ class OnlineSampler:
         if self.rank == 0:
             self.settle()
             self.last_sync = self.pool.wait_for_weights()
+        if self._sender is not None:
+            self._sender.shutdown()  # its thread ends; a later request or sync goes straight to the pool
+            self._sender = None
