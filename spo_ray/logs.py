@@ -98,6 +98,8 @@ def configure_logging(level: str | None = None) -> str:
             warnings.filterwarnings("ignore", category=category, module=module)
     if quiet and "vllm.logger" in sys.modules:
         _filter_vllm_warnings()
+    elif not quiet:  # a quieter call before (this process, or the parent it inherited the environment from)
+        _drop_vllm_filter()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -105,6 +107,9 @@ def configure_logging(level: str | None = None) -> str:
     except ImportError:
         pass
     return level
+
+
+_VLLM_CONFIG_PREFIX = "spo_ray_vllm_logging_"  # the files _filter_vllm_warnings writes
 
 
 def _filter_vllm_warnings() -> None:
@@ -122,10 +127,18 @@ def _filter_vllm_warnings() -> None:
         for entry in config[name].values():
             entry["level"] = "WARNING"
     config["handlers"]["vllm"]["filters"] = ["spo_ray_benign"]
-    path = os.path.join(tempfile.gettempdir(), f"spo_ray_vllm_logging_{os.getpid()}.json")
+    path = os.path.join(tempfile.gettempdir(), f"{_VLLM_CONFIG_PREFIX}{os.getpid()}.json")
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(config, fh)
     os.environ["VLLM_LOGGING_CONFIG_PATH"] = path
+
+
+def _drop_vllm_filter() -> None:
+    """Forget the WARNING-level vLLM config `_filter_vllm_warnings` wrote (a user's own config stays): vLLM engines
+    started from here, and every child process, would read it and print no INFO line at a louder level."""
+    path = os.environ.get("VLLM_LOGGING_CONFIG_PATH", "")
+    if os.path.basename(path).startswith(_VLLM_CONFIG_PREFIX):
+        del os.environ["VLLM_LOGGING_CONFIG_PATH"]
 
 
 def ray_logging_config(level: str | None = None):

@@ -16,6 +16,7 @@ def console(monkeypatch):
     """A handler on a library logger (as vLLM and Ray install theirs), writing to a buffer."""
     for name in (LEVEL_ENV, "VLLM_LOGGING_LEVEL", "HF_HUB_DISABLE_PROGRESS_BARS"):  # restored afterwards
         monkeypatch.setenv(name, "")
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -47,3 +48,23 @@ def test_info_level_shows_everything(console):
 def test_actor_environment_carries_the_level():
     assert process_env("warning")["VLLM_LOGGING_LEVEL"] == "WARNING"
     assert process_env("debug") == {LEVEL_ENV: "debug", "VLLM_LOGGING_LEVEL": "DEBUG"}
+
+
+def test_a_louder_level_drops_the_quiet_vllm_config_an_earlier_call_left_for_child_processes(
+    console, monkeypatch
+):
+    """A default (quiet) run in this process points VLLM_LOGGING_CONFIG_PATH at a WARNING-level config; a later
+    `--verbose` run, here or in a child that inherits the environment, must not start its engines with it (in a
+    full suite the verbose CLI test's engines printed no INFO line because of it). A user's own config stays."""
+    import os
+
+    import vllm.logger  # noqa: F401 (the quiet config is written only once vLLM's logger exists)
+
+    configure_logging("warning")
+    quiet_config = os.environ["VLLM_LOGGING_CONFIG_PATH"]
+    assert os.path.basename(quiet_config).startswith("spo_ray_vllm_logging_")
+    configure_logging("info")
+    assert "VLLM_LOGGING_CONFIG_PATH" not in os.environ
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", "/etc/my_vllm_logging.json")
+    configure_logging("info")
+    assert os.environ["VLLM_LOGGING_CONFIG_PATH"] == "/etc/my_vllm_logging.json"
