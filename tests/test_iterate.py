@@ -203,10 +203,9 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
     for n in (1, 2):
         rows = _read_jsonl(out / "rounds" / f"round_{n}" / "train" / "metrics.jsonl")
         assert all(row["policy_lag"] == 0 and row["rollout_logp_gap"] < 1e-3 for row in rows)
-        assert (
-            0 < 8 * rows[1]["sync_bytes"] < rows[0]["sync_bytes"]
-            and rows[1]["sync_bytes"] == rows[2]["sync_bytes"]
-        )
+        # rollout.async_sync: each row reports the last completed sync, so a round's second step shows the round's
+        # first sync (base + adapter) and its third the adapter alone (the first shows the one before the round)
+        assert 0 < 8 * rows[2]["sync_bytes"] < rows[1]["sync_bytes"]
     round_2 = json.loads((out / "rounds" / "round_2" / "train" / "config.json").read_text())
     assert round_2["model"]["reference_path"] == str(out / "expert_reference")
     assert round_2["model"]["path"] == summary["rounds"][1]["model"]

@@ -102,12 +102,12 @@ def mentions_apple(rng: random.Random) -> tuple[list[dict[str, str]], str]:
     return judge_messages(phrase(rng) + "?", *pair), side
 
 
-def fine_tune_judge(model_dir, make_example, steps: int, seed: int = 0):
+def fine_tune_judge(model_dir, make_example, steps: int, seed: int = 0, lr: float = 3e-3):
     """The tiny LM trained with AdamW to answer `make_example`'s judge prompts (loss on answer + eos)."""
     tokenizer = load_tokenizer(str(model_dir))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
     for _ in range(steps):
         batch = [make_example(rng) for _ in range(32)]
@@ -201,7 +201,10 @@ def test_a_judge_that_always_answers_a_is_exactly_half_with_both_orders_and_one_
 
 @pytest.mark.slow
 def test_a_judge_trained_to_prefer_a_keyword_picks_it_in_both_orders(judge, tiny_model_dir):
-    load_judge_weights(judge, fine_tune_judge(tiny_model_dir, mentions_apple, steps=150, seed=1), version=3)
+    # lr 3e-3 for 150 steps learned the keyword on some machines and an "always A" answer on others (seed 2 did at
+    # 500 steps); lr 1e-3 for 300 steps learned it for seeds 0, 1 and 2
+    judge_model = fine_tune_judge(tiny_model_dir, mentions_apple, steps=300, seed=1, lr=1e-3)
+    load_judge_weights(judge, judge_model, version=3)
     requests = [
         JudgeRequest(
             [{"role": "user", "content": "What is the red apple?"}],
