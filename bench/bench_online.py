@@ -55,9 +55,8 @@ def step_profile(run_dir: Path, pairs_per_step: int) -> dict:
     steps = [m["step_seconds"] for m in rows]
     gen = [m["step_seconds"] * m.get("gen_wait_frac", 0.0) for m in rows]
     data = [m["step_seconds"] * m.get("data_wait_frac", 0.0) for m in rows]
-    sync = [
-        m.get("sync_seconds", 0.0) for m in rows
-    ]  # what the trainer was held (gather, put, queue or wait)
+    # the time the trainer was held by the sync: gather, put and queue, or the wait
+    sync = [m.get("sync_seconds", 0.0) for m in rows]
     rest = [s - g - d - y for s, g, d, y in zip(steps, gen, data, sync)]
     step = median(steps)
     return {
