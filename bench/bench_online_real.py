@@ -4,13 +4,12 @@ side by side with TRL's GRPOTrainer and OnlineDPOTrainer, on SmolLM2-135M-Instru
 Every run gets the same train prompts (the 2 × 8 that spo_ray's rounds draw), the same judge
 (`spo_ray.tasks.arithmetic.problems.score`), LoRA r=8 (alpha 16, the same modules), lr 2e-4 with cosine
 decay, and the same budget (online_real_runs.BUDGET): 128 judged samples (2 × 8 prompts × 8) and 8 optimizer
-steps. Each run is a
-child process whose RSS the parent samples (trainer / vLLM engine / driver). Its final model and the start
-are scored by one evaluator: 64 held-out test prompts × 2 samples at T=0.7
-(transformers sampling, fixed seed), accuracy with a bootstrap 95% CI over prompts, distinct final answers per
-prompt, and KL(π‖π_0) summed over response tokens (exact over the vocabulary at each position of π's samples).
+steps, repeated for each seed (--seeds, default 0 and 1). Each run is a child process whose RSS the parent
+samples (trainer / vLLM engine / driver). Its final model and the start are scored by one evaluator: 64
+held-out test prompts × 2 samples at T=0.7 (`spo-ray generate`, fixed seed), accuracy with a bootstrap 95% CI
+over seeds and prompts, distinct final answers per prompt, and KL(π‖π_0) summed over response tokens (exact over the vocabulary at each position of π's samples).
 
-    .venv/bin/python bench/bench_online_real.py [--runs spo_a0.5,trl_grpo] [--smoke] [--model DIR]
+    .venv/bin/python bench/bench_online_real.py [--runs spo_a0.5,trl_grpo] [--seeds 0,1] [--smoke] [--model DIR]
 
 Writes bench/out/online_real/results.json (`run_all.py --only online_real` folds it into RESULTS.md).
 """
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, REPO  # noqa: E402
-from online_real_runs import DEFAULT_RUNS, RUNS, evaluate_model, run_child  # noqa: E402
+from online_real_runs import DEFAULT_RUNS, RUNS, evaluate_model, run_child, run_folder  # noqa: E402
 
 
 def smollm2_dir(given: str | None) -> str:
@@ -112,22 +111,24 @@ class MemoryWatch:
 # -- the parent: runs, evaluations, summary ------------------------------------------------------------
 
 
-def run_one(name: str, out: Path, model: str, smoke: bool) -> dict:
-    """One run in its own process (logs in out/name.log), its peak memory, and its result file."""
-    folder = out / name
+def run_one(name: str, out: Path, model: str, smoke: bool, seed: int) -> dict:
+    """One run of one seed in its own process (logs beside its folder, NAME.log), its peak memory, and its
+    result file."""
+    folder = run_folder(out, name, seed)
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--model", model]
-    cmd += ["--smoke"] if smoke else []
+    cmd += ["--seed", str(seed)] + (["--smoke"] if smoke else [])
     env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": ""}
     started = time.perf_counter()
-    with open(out / f"{name}.log", "w") as log:
+    log_path = folder.parent / f"{name}.log"
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         watch = MemoryWatch(proc.pid)
         rc = proc.wait()
         memory = watch.stop()
         cpu = watch.cpu_seconds()
     if rc != 0:
-        raise RuntimeError(f"run {name} failed (exit {rc}); see {out / f'{name}.log'}")
+        raise RuntimeError(f"run {name} (seed {seed}) failed (exit {rc}); see {log_path}")
     result = json.loads((folder / "run.json").read_text())
     result.update(
         process_seconds=round(time.perf_counter() - started, 1), peak_rss_gib=memory, cpu_seconds=cpu
@@ -140,6 +141,10 @@ def main() -> None:
     parser.add_argument(
         "--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated of {', '.join(RUNS)}"
     )
+    parser.add_argument(
+        "--seeds", default="0,1", help="comma-separated training seeds; every run is repeated for each"
+    )
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # a child's one seed
     parser.add_argument("--out", default=str(OUT / "online_real"))
     parser.add_argument("--model", default=None, help="SmolLM2 HF folder (default: converted into bench/out)")
     parser.add_argument(
@@ -151,11 +156,14 @@ def main() -> None:
     out = Path(args.out)
     model = smollm2_dir(args.model)
     if args.child:
-        run_child(args.child, out, model, args.smoke)
+        run_child(args.child, out, model, args.smoke, args.seed)
         return
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if "runs" in results:  # a file from before seeds: its runs were seed 0's
+        results.setdefault("seeds", {}).setdefault("0", results.pop("runs"))
+    results.setdefault("seeds", {})
     results["model"], results["smoke"] = model, args.smoke
     eval_cache = out / "evals.json"
     evals = json.loads(eval_cache.read_text()) if eval_cache.exists() else {}
@@ -167,20 +175,22 @@ def main() -> None:
         return evals[model_dir]
 
     results["start"] = scored(model)
-    for name in [r for r in args.runs.split(",") if r]:
-        print(f"== {name}", flush=True)
-        try:
-            run = run_one(name, out, model, args.smoke)
-        except RuntimeError as exc:  # one failed run must not lose the others
-            results.setdefault("failed", {})[name] = str(exc)
+    for seed in [int(x) for x in args.seeds.split(",") if x]:
+        for name in [r for r in args.runs.split(",") if r]:
+            print(f"== {name}, seed {seed}", flush=True)
+            try:
+                run = run_one(name, out, model, args.smoke, seed)
+            except RuntimeError as exc:  # one failed run must not lose the others
+                results.setdefault("failed", {})[f"{name}@{seed}"] = str(exc)
+                results_path.write_text(json.dumps(results, indent=1))
+                print(exc, flush=True)
+                continue
+            run["points"][0]["eval"] = results["start"]  # the intermediate points keep their own figures only
+            run["points"][-1]["eval"] = scored(run["points"][-1]["model"])
+            results["seeds"].setdefault(str(seed), {})[name] = run
+            results.get("failed", {}).pop(f"{name}@{seed}", None)
             results_path.write_text(json.dumps(results, indent=1))
-            print(exc, flush=True)
-            continue
-        run["points"][0]["eval"] = results["start"]  # the intermediate points keep their own figures only
-        run["points"][-1]["eval"] = scored(run["points"][-1]["model"])
-        results["runs"][name] = run
-        results_path.write_text(json.dumps(results, indent=1))
-        print(json.dumps({k: v for k, v in run.items() if k != "points"}, indent=1), flush=True)
+            print(json.dumps({k: v for k, v in run.items() if k != "points"}, indent=1), flush=True)
     results_path.write_text(json.dumps(results, indent=1))
     print(f"wrote {results_path}")
 

@@ -18,32 +18,101 @@ def _final(run: dict) -> dict:
     return run["points"][-1]
 
 
-def gain(run: dict) -> float:
+def seed_runs(data: dict) -> dict[str, list[dict]]:
+    """Each run's seeds, in seed order: {name: [run of seed 0, run of seed 1, ...]}. `data["seeds"]` maps a seed
+    to its runs; a results file of one seed (`data["runs"]`, before seeds) reads as seed 0."""
+    by_seed = data.get("seeds") or ({"0": data["runs"]} if data.get("runs") else {})
+    out: dict[str, list[dict]] = {}
+    for seed in sorted(by_seed, key=int):
+        for name, run in by_seed[seed].items():
+            out.setdefault(name, []).append(run)
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _gain_one(run: dict) -> float:
     return _final(run)["eval"]["accuracy"] - run["points"][0]["eval"]["accuracy"]
 
 
-def gain_ci(run: dict, resamples: int = 2000, seed: int = 0) -> list[float]:
-    """95% bootstrap interval of after − before, resampling the (shared) held-out prompts, paired."""
-    before = run["points"][0]["eval"]["per_prompt_accuracy"]
-    after = _final(run)["eval"]["per_prompt_accuracy"]
-    diffs = [a - b for a, b in zip(after, before)]
-    rng, n = random.Random(seed), len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+def gain(runs: list[dict]) -> float:
+    """Held-out accuracy after − before, the mean over seeds."""
+    return _mean(_gain_one(run) for run in runs)
+
+
+def after(runs: list[dict]) -> float:
+    return _mean(_final(run)["eval"]["accuracy"] for run in runs)
+
+
+def hierarchical_ci(per_seed: list[list[float]], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% bootstrap interval of the mean over seeds of the mean over prompts: each resample draws the seeds
+    with replacement, then the prompts of each drawn seed with replacement (one value per prompt, e.g. the
+    paired after − before). With one seed it is the plain bootstrap over prompts."""
+    rng = random.Random(seed)
+    means = []
+    for _ in range(resamples):
+        drawn = [per_seed[rng.randrange(len(per_seed))] for _ in per_seed]
+        means.append(_mean(_mean(v[rng.randrange(len(v))] for _ in v) for v in drawn))
+    means.sort()
     return [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]
 
 
-def tokens_per_s(run: dict) -> float:
-    return _final(run)["tokens"] / run["wall_seconds"]
+def gain_ci(runs: list[dict]) -> list[float]:
+    """95% interval of the gain over prompts and seeds, paired on the (shared) held-out prompts."""
+    diffs = []
+    for run in runs:
+        before = run["points"][0]["eval"]["per_prompt_accuracy"]
+        diffs.append([a - b for a, b in zip(_final(run)["eval"]["per_prompt_accuracy"], before)])
+    return hierarchical_ci(diffs)
 
 
-def max_gap(run: dict) -> float | None:
-    gaps = [g for per_round in run.get("rollout_logp_gap_per_round", []) for g in per_round]
+def after_ci(runs: list[dict]) -> list[float]:
+    return hierarchical_ci([_final(run)["eval"]["per_prompt_accuracy"] for run in runs])
+
+
+def final_mean(runs: list[dict], key: str) -> float:
+    """The mean over seeds of a figure of the final point's evaluation."""
+    return _mean(_final(run)["eval"][key] for run in runs)
+
+
+def wall(runs: list[dict]) -> float:
+    return _mean(run["wall_seconds"] for run in runs)
+
+
+def cpu(runs: list[dict]) -> float | None:
+    values = [run.get("cpu_seconds") for run in runs]
+    return _mean(values) if all(values) else None
+
+
+def tokens(runs: list[dict]) -> float:
+    return _mean(_final(run)["tokens"] for run in runs)
+
+
+def tokens_per_s(runs: list[dict]) -> float:
+    return tokens(runs) / wall(runs)
+
+
+def peak_rss(runs: list[dict]) -> dict:
+    """The largest peak RSS of each process group over the seeds."""
+    out: dict = {}
+    for run in runs:
+        for group, value in (run.get("peak_rss_gib") or {}).items():
+            out[group] = max(out.get(group, 0.0), value)
+    return out
+
+
+def max_gap(runs: list[dict]) -> float | None:
+    gaps = [g for run in runs for per_round in run.get("rollout_logp_gap_per_round", []) for g in per_round]
     return max(gaps) if gaps else None
 
 
 def results_keys(data: dict) -> dict:
-    """The issue's headline keys and a compact per-run record for results.json."""
-    runs = data.get("runs", {})
+    """The issue's headline keys and a compact per-run record for results.json; every figure is the mean over
+    the seeds, its interval over prompts and seeds."""
+    runs = seed_runs(data)
     if not runs:
         return {}
     spo = {k: v for k, v in runs.items() if k.startswith("spo_")}
@@ -58,36 +127,36 @@ def results_keys(data: dict) -> dict:
             out["online_accuracy_gain_vs_trl_grpo_reason"] = (
                 f"GRPO's gain is {gain(grpo):+.4f} (not > 0): the ratio is undefined; see online_real.runs"
             )
-    out["online_wall_ratio_vs_trl_grpo"] = (
-        round(grpo["wall_seconds"] / spo[best]["wall_seconds"], 3) if best and grpo else None
-    )
-    cpu = [r.get("cpu_seconds") for r in (grpo, spo.get(best))] if best and grpo else [None]
-    out["online_cpu_seconds_ratio_vs_trl_grpo"] = round(cpu[0] / cpu[1], 3) if all(cpu) else None
+    out["online_wall_ratio_vs_trl_grpo"] = round(wall(grpo) / wall(spo[best]), 3) if best and grpo else None
+    cpus = [cpu(grpo), cpu(spo[best])] if best and grpo else [None]
+    out["online_cpu_seconds_ratio_vs_trl_grpo"] = round(cpus[0] / cpus[1], 3) if all(cpus) else None
     out["online_real"] = {
         "best_spo_run": best,
         "model": "SmolLM2-135M-Instruct, LoRA r=8",
-        "budget": next(iter(runs.values()))["budget"],
-        "seeds": 1,
+        "budget": next(iter(runs.values()))[0]["budget"],
+        "seeds": max(len(r) for r in runs.values()),
         "runs": {
             name: {
-                "accuracy_before": run["points"][0]["eval"]["accuracy"],
-                "accuracy_after": _final(run)["eval"]["accuracy"],
-                "accuracy_after_ci95": _final(run)["eval"]["accuracy_ci95"],
-                "gain": round(gain(run), 4),
-                "gain_ci95": gain_ci(run),
-                "distinct_answers_per_prompt": _final(run)["eval"]["distinct_answers_per_prompt"],
-                "kl_to_start": round(_final(run)["eval"]["kl_to_start"], 4),
-                "wall_seconds": run["wall_seconds"],
-                "cpu_seconds": run.get("cpu_seconds"),
-                "generated_samples": _final(run)["samples"],
-                "generated_tokens": _final(run)["tokens"],
-                "generated_tokens_per_s": round(tokens_per_s(run), 2),
-                "optimizer_steps": _final(run)["steps"],
-                "peak_rss_gib": run.get("peak_rss_gib"),
-                "rollout_logp_gap_max": max_gap(run),
-                "generation": run.get("generation"),
+                "seeds": [r.get("seed", 0) for r in rs],
+                "accuracy_before": rs[0]["points"][0]["eval"]["accuracy"],
+                "accuracy_after": round(after(rs), 4),
+                "accuracy_after_ci95": after_ci(rs),
+                "gain": round(gain(rs), 4),
+                "gain_ci95": gain_ci(rs),
+                "gain_per_seed": [round(_gain_one(r), 4) for r in rs],
+                "distinct_answers_per_prompt": round(final_mean(rs, "distinct_answers_per_prompt"), 4),
+                "kl_to_start": round(final_mean(rs, "kl_to_start"), 4),
+                "wall_seconds": round(wall(rs), 1),
+                "cpu_seconds": None if cpu(rs) is None else round(cpu(rs), 1),
+                "generated_samples": _mean(_final(r)["samples"] for r in rs),
+                "generated_tokens": round(tokens(rs)),
+                "generated_tokens_per_s": round(tokens_per_s(rs), 2),
+                "optimizer_steps": _final(rs[0])["steps"],
+                "peak_rss_gib": peak_rss(rs),
+                "rollout_logp_gap_max": max_gap(rs),
+                "generation": rs[0].get("generation"),
             }
-            for name, run in runs.items()
+            for name, rs in runs.items()
         },
     }
     return out
@@ -98,11 +167,10 @@ def _pct(x: float) -> str:
 
 
 def section(data: dict, plot: str | None) -> list[str]:
-    runs = data.get("runs", {})
-    if not runs:
+    summary = results_keys(data).get("online_real")
+    if not summary:
         return []
-    start = data["start"]
-    budget = next(iter(runs.values()))["budget"]
+    start, budget, seeds = data["start"], summary["budget"], summary["seeds"]
     lines = [
         "## Online on a real model (issue 16)",
         "",
@@ -110,10 +178,12 @@ def section(data: dict, plot: str | None) -> list[str]:
         "the built-in arithmetic task (one-step word problems; judge: the last integer equals the answer). "
         f"Same train prompts for every run ({budget['rounds']} × {budget['prompts_per_round']} prompts drawn "
         f"by spo_ray's rounds), {budget['candidates']} samples per prompt at T={budget['temperature']}, "
-        f"{budget['rounds'] * budget['steps_per_round']} optimizer steps, one seed. Held-out: "
+        f"{budget['rounds'] * budget['steps_per_round']} optimizer steps; "
+        f"{seeds} seed{'s' if seeds > 1 else ''} (the seed draws each round's prompts and samples, and sets the "
+        "data order and TRL's seed; figures are means over seeds). Held-out: "
         f"{start['prompts']} test prompts × {start['samples_per_prompt']} samples at T=0.7, one evaluator "
-        "(`spo-ray generate`: vLLM on CPU, seeded) for every model; 95% CIs bootstrap over prompts (the gain's "
-        "interval is paired on the same prompts). Start: "
+        "(`spo-ray generate`: vLLM on CPU, seeded) for every model; 95% CIs: a hierarchical bootstrap over seeds "
+        "and, within each, prompts (the gain's interval is paired on the same prompts). Start: "
         f"{_pct(start['accuracy'])} [{_pct(start['accuracy_ci95'][0])}, {_pct(start['accuracy_ci95'][1])}], "
         f"pass@{start['samples_per_prompt']} {_pct(start['pass_at_n'])}, "
         f"{start['distinct_answers_per_prompt']:.2f} distinct answers per prompt. KL(π‖π₀): nats per "
@@ -134,25 +204,25 @@ def section(data: dict, plot: str | None) -> list[str]:
         "round. Wall time: process start to the trained model (spo_ray: Ray and vLLM start-up, its own cheap "
         "per-round eval of 16 prompts, merges included); CPU s: the run's process tree, user + system.",
         "",
-        "| run | generation | accuracy after [95% CI] | gain [95% CI] | distinct answers | KL to start | "
-        "wall s | CPU s | samples | tokens | tokens/s | steps | peak RSS GiB (trainer / vLLM / total) | "
-        "max logp gap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | generation | accuracy after [95% CI] | gain [95% CI] | gain per seed, pts | distinct answers | "
+        "KL to start | wall s | CPU s | samples | tokens | tokens/s | steps | peak RSS GiB (trainer / vLLM / "
+        "total) | max logp gap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, run in runs.items():
-        e, final = _final(run)["eval"], _final(run)
-        lo, hi = e["accuracy_ci95"]
-        glo, ghi = gain_ci(run)
-        rss = run.get("peak_rss_gib") or {}
+    for name, r in summary["runs"].items():
+        lo, hi = r["accuracy_after_ci95"]
+        glo, ghi = r["gain_ci95"]
+        per_seed = ", ".join(f"{100 * g:+.1f}" for g in r["gain_per_seed"])
+        rss = r["peak_rss_gib"]
         trainer = rss.get("trainer", rss.get("driver"))
         memory = f"{trainer or 0:.2f} / {rss.get('vllm', 0):.2f} / {rss.get('total', 0):.2f}" if rss else "-"
-        cpu = run.get("cpu_seconds")
-        gap = max_gap(run)
+        cpu_s, gap = r["cpu_seconds"], r["rollout_logp_gap_max"]
         lines.append(
-            f"| {LABELS.get(name, name)} | {run.get('generation')} | {_pct(e['accuracy'])} [{_pct(lo)}, "
-            f"{_pct(hi)}] | {100 * gain(run):+.1f} pts [{100 * glo:+.1f}, {100 * ghi:+.1f}] | "
-            f"{e['distinct_answers_per_prompt']:.2f} | {e['kl_to_start']:.3f} | {run['wall_seconds']:.0f} | {'-' if cpu is None else f'{cpu:.0f}'} | "
-            f"{final['samples']} | {final['tokens']} | {tokens_per_s(run):.1f} | {final['steps']} | {memory} | "
+            f"| {LABELS.get(name, name)} | {r['generation']} | {_pct(r['accuracy_after'])} [{_pct(lo)}, "
+            f"{_pct(hi)}] | {100 * r['gain']:+.1f} pts [{100 * glo:+.1f}, {100 * ghi:+.1f}] | {per_seed} | "
+            f"{r['distinct_answers_per_prompt']:.2f} | {r['kl_to_start']:.3f} | {r['wall_seconds']:.0f} | "
+            f"{'-' if cpu_s is None else f'{cpu_s:.0f}'} | {r['generated_samples']:.0f} | "
+            f"{r['generated_tokens']} | {r['generated_tokens_per_s']:.1f} | {r['optimizer_steps']} | {memory} | "
             f"{'-' if gap is None else f'{gap:.2e}'} |"
         )
     lines.append("")
@@ -162,7 +232,9 @@ def section(data: dict, plot: str | None) -> list[str]:
 
 
 def make_plot(data: dict, path: Path) -> Path | None:
-    runs = data.get("runs", {})
+    """Accuracy against wall time and against generated tokens: each run's points averaged over its seeds
+    (the points are the start and the end of each round), with the final point's interval."""
+    runs = seed_runs(data)
     if not runs:
         return None
     import matplotlib
@@ -171,20 +243,21 @@ def make_plot(data: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, run in runs.items():
-        points = [p for p in run["points"] if "eval" in p]
-        acc = [100 * p["eval"]["accuracy"] for p in points]
-        final = points[-1]["eval"]
-        lo, hi = 100 * final["accuracy_ci95"][0], 100 * final["accuracy_ci95"][1]
+    for name, rs in runs.items():
+        evaluated = [i for i, p in enumerate(rs[0]["points"]) if "eval" in p]
+        acc = [100 * _mean(r["points"][i]["eval"]["accuracy"] for r in rs) for i in evaluated]
+        lo, hi = (100 * x for x in after_ci(rs))
         for ax, key in zip(axes, ("seconds", "tokens")):
-            xs = [p[key] for p in points]
+            xs = [_mean(r["points"][i][key] for r in rs) for i in evaluated]
             line = ax.plot(xs, acc, marker="o", label=LABELS.get(name, name))[0]
             ax.errorbar([xs[-1]], [acc[-1]], yerr=[[acc[-1] - lo], [hi - acc[-1]]], color=line.get_color())
     axes[0].set_xlabel("wall time, s (process start to trained model)")
     axes[1].set_xlabel("generated tokens (training samples)")
     axes[0].set_ylabel("held-out accuracy, % (95% CI)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M + LoRA on arithmetic: held-out accuracy, start and end of each run")
+    fig.suptitle(
+        "SmolLM2-135M + LoRA on arithmetic: held-out accuracy (mean over seeds), start and end of each run"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

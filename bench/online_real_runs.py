@@ -96,17 +96,23 @@ arithmetic_reward = ArithmeticReward()
 # -- runs ------------------------------------------------------------------------------------------------
 
 
-def run_child(name: str, out: Path, model: str, smoke: bool) -> None:
+def run_folder(out: Path, name: str, seed: int) -> Path:
+    """Where one run of one seed keeps its files (spo_ray's rounds resume from FOLDER/work; TRL's overwrite)."""
+    return out / f"seed_{seed}" / name
+
+
+def run_child(name: str, out: Path, model: str, smoke: bool, seed: int = 0) -> None:
+    """One run with one seed: the prompts each round draws, the samples, the data order and TRL's seed."""
     started = time.perf_counter()
     spec, budget = RUNS[name], SMOKE if smoke else BUDGET
-    folder = out / name  # spo_ray's rounds resume from folder/work; TRL's runs overwrite their files
+    folder = run_folder(out, name, seed)
     runner = {"spo_ray": spo_ray_run, "trl_grpo": trl_grpo_run, "trl_online_dpo": trl_online_dpo_run}
-    result = runner[spec["kind"]](spec, folder, model, budget, started)
-    result.update(name=name, budget=budget, kind=spec["kind"])
+    result = runner[spec["kind"]](spec, folder, model, budget, started, seed)
+    result.update(name=name, budget=budget, kind=spec["kind"], seed=seed)
     (folder / "run.json").write_text(json.dumps(result, indent=1))
 
 
-def spo_ray_run(spec: dict, folder: Path, model: str, budget: dict, started: float) -> dict:
+def spo_ray_run(spec: dict, folder: Path, model: str, budget: dict, started: float, seed: int) -> dict:
     from transformers import AutoTokenizer
 
     from spo_ray.api import iterate
@@ -125,6 +131,9 @@ def spo_ray_run(spec: dict, folder: Path, model: str, budget: dict, started: flo
         "train.lr": budget["lr"],
         "train.batch_size": 4 if budget["steps_per_round"] > 1 else 1,
         "loss.kl_coef": budget["kl_coef"],
+        "iterate.seed": seed,
+        "train.seed": seed,
+        "rollout.seed": seed,
         # the KL samples of step k drawn after step k-1's sync: rollout_logp_gap is then vLLM-vs-trainer numerics
         # alone (with the default overlap it also holds one step of policy change, policy_lag 1)
         "rollout.overlap": False,
@@ -190,10 +199,10 @@ def _lora():
     )
 
 
-def _dataset(budget: dict, repeat: int = 1):
+def _dataset(budget: dict, seed: int, repeat: int = 1):
     from datasets import Dataset
 
-    prompts = round_prompts(budget) * repeat
+    prompts = round_prompts(budget, seed) * repeat
     return Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
 
 
@@ -249,7 +258,7 @@ class _Clock:
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(point["model"])
 
 
-def _train_args(budget: dict, folder: Path) -> dict:
+def _train_args(budget: dict, folder: Path, seed: int) -> dict:
     return {
         "output_dir": str(folder / "work" / "trl"),
         "learning_rate": budget["lr"],
@@ -261,7 +270,7 @@ def _train_args(budget: dict, folder: Path) -> dict:
         "save_strategy": "no",
         "report_to": [],
         "use_cpu": True,
-        "seed": 0,
+        "seed": seed,
         "dataloader_num_workers": 0,
         # TRL's defaults are bf16 autocast and gradient checkpointing, both slower on CPU; with checkpointing on,
         # OnlineDPOTrainer also generates without a KV cache (use_cache=False)
@@ -270,7 +279,7 @@ def _train_args(budget: dict, folder: Path) -> dict:
     }
 
 
-def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: float) -> dict:
+def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: float, seed: int) -> dict:
     """GRPOTrainer: one generation batch of 16 prompts x 8 per round, split into 8 optimizer steps."""
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -279,7 +288,7 @@ def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: fl
     reward = ArithmeticReward(tokenizer.eos_token_id)
     per_step = budget["prompts_per_round"] * budget["candidates"] // budget["steps_per_round"]
     args = GRPOConfig(
-        **_train_args(budget, folder),
+        **_train_args(budget, folder, seed),
         per_device_train_batch_size=per_step,
         num_generations=budget["candidates"],
         steps_per_generation=budget["steps_per_round"],
@@ -294,7 +303,7 @@ def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: fl
         model=model,
         reward_funcs=reward,
         args=args,
-        train_dataset=_dataset(budget),
+        train_dataset=_dataset(budget, seed),
         processing_class=tokenizer,
         peft_config=_lora(),
         callbacks=[clock.callback],
@@ -304,7 +313,7 @@ def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: fl
     )
 
 
-def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, started: float) -> dict:
+def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, started: float, seed: int) -> dict:
     """OnlineDPOTrainer: 2 samples per prompt, ranked by the reward; 8 prompts per step (16 samples, as GRPO)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
@@ -313,7 +322,7 @@ def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, start
     reward = ArithmeticReward(tokenizer.eos_token_id)
     per_step = budget["prompts_per_round"] * budget["candidates"] // budget["steps_per_round"] // 2
     args = OnlineDPOConfig(
-        **_train_args(budget, folder),
+        **_train_args(budget, folder, seed),
         per_device_train_batch_size=per_step,
         max_new_tokens=budget["max_tokens"],
         top_k=0,
@@ -324,7 +333,7 @@ def trl_online_dpo_run(spec: dict, folder: Path, model: str, budget: dict, start
         model=AutoModelForCausalLM.from_pretrained(model),
         reward_funcs=reward,
         args=args,
-        train_dataset=_dataset(budget, repeat=budget["candidates"] // 2),  # 2 samples per prompt
+        train_dataset=_dataset(budget, seed, repeat=budget["candidates"] // 2),  # 2 samples per prompt
         processing_class=tokenizer,
         peft_config=_lora(),
         callbacks=[clock.callback],
@@ -347,4 +356,4 @@ def _train(trainer, clock, model: str, started: float, generation: str) -> dict:
 
 from online_real_eval import evaluate_model  # noqa: E402  (re-exported for bench_online_real.py)
 
-__all__ = ["DEFAULT_RUNS", "RUNS", "arithmetic_reward", "evaluate_model", "run_child"]
+__all__ = ["DEFAULT_RUNS", "RUNS", "arithmetic_reward", "evaluate_model", "run_child", "run_folder"]

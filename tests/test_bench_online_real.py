@@ -60,7 +60,7 @@ def test_grpo_run_evaluation_and_report_end_to_end_on_the_tiny_model(tiny_model_
         "steps_per_round": 1,
         "max_tokens": 8,
     }
-    run = trl_grpo_run({}, tmp_path / "grpo", str(tiny_model_dir), budget, time.perf_counter())
+    run = trl_grpo_run({}, tmp_path / "grpo", str(tiny_model_dir), budget, time.perf_counter(), seed=1)
     final = run["points"][-1]
     assert final["steps"] == 1 and final["samples"] == 4 and 4 <= final["tokens"] <= 4 * 8
     spec = {
@@ -85,12 +85,41 @@ def test_grpo_run_evaluation_and_report_end_to_end_on_the_tiny_model(tiny_model_
     assert evaluate_model(str(moved), str(tiny_model_dir), spec=spec)["kl_to_start"] > 0.01
     run.update(budget=budget, peak_rss_gib={"driver": 1.0, "total": 1.0})
     run["points"][0]["eval"], final["eval"] = start, after
-    data = {"start": start, "runs": {"spo_a2": json.loads(json.dumps(run)), "trl_grpo": run}}
+    runs = {"spo_a2": json.loads(json.dumps(run)), "trl_grpo": run}
+    data = {"start": start, "seeds": {"0": runs, "1": json.loads(json.dumps(runs))}}
     keys = results_keys(data)
     assert keys["online_wall_ratio_vs_trl_grpo"] == 1.0  # the same run twice
+    assert keys["online_real"]["seeds"] == 2
     assert keys["online_real"]["runs"]["trl_grpo"]["generated_samples"] == 4
     lines = section(data, make_plot(data, tmp_path / "plot.png").name)
     assert (
         lines[0] == "## Online on a real model (issue 16)"
         and sum(line.startswith("| TRL") for line in lines) == 1
     )
+
+
+def test_seed_figures_are_means_and_the_interval_spans_prompts_and_seeds():
+    from online_real_report import hierarchical_ci, results_keys
+
+    def run(wall: float, before: list[float], after: list[float]) -> dict:
+        evaluation = lambda acc: {"accuracy": sum(acc) / len(acc), "per_prompt_accuracy": acc}  # noqa: E731
+        points = [
+            {"eval": evaluation(before)},
+            {"eval": evaluation(after), "samples": 8, "tokens": 80, "steps": 2},
+        ]
+        points[-1]["eval"].update(distinct_answers_per_prompt=1.0, kl_to_start=0.1)
+        return {"points": points, "wall_seconds": wall, "budget": {}, "cpu_seconds": wall}
+
+    before = [0.5] * 4
+    seeds = {  # seed 0 gains 0.5 on every prompt, seed 1 loses 0.25 on every prompt
+        "0": {"spo_a1": run(100.0, before, [1.0] * 4), "trl_grpo": run(50.0, before, before)},
+        "1": {"spo_a1": run(300.0, before, [0.25] * 4), "trl_grpo": run(70.0, before, before)},
+    }
+    keys = results_keys({"seeds": seeds})
+    record = keys["online_real"]["runs"]["spo_a1"]
+    assert record["gain_per_seed"] == [0.5, -0.25] and record["gain"] == 0.125
+    assert keys["online_wall_ratio_vs_trl_grpo"] == 0.3  # mean 60 s / mean 200 s
+    assert record["gain_ci95"] == [-0.25, 0.5]  # resampling the seeds reaches either seed's gain alone
+    assert hierarchical_ci([[0.1, 0.1], [0.1, 0.1]]) == [0.1, 0.1]  # no spread, no width
+    one_seed = hierarchical_ci([[0.0, 1.0] * 8])  # one seed: the plain bootstrap over prompts
+    assert 0.2 < one_seed[0] < 0.5 < one_seed[1] < 0.8
