@@ -18,13 +18,34 @@ def _final(run: dict) -> dict:
     return run["points"][-1]
 
 
+def start_evaluations(data: dict) -> list[dict]:
+    """Every evaluation of the start model: the one the runs were scored beside, then those under other
+    evaluator seeds (`--start-eval-seeds`)."""
+    return [data["start"], *(data.get("start_spread") or {}).values()] if data.get("start") else []
+
+
+def pooled_start(data: dict) -> dict | None:
+    """The start figure every gain is taken against: per prompt, the mean over every evaluation of the start
+    model. vLLM's seeded samples on CPU differ from one process to the next, so one evaluation of 64 prompts ×
+    2 samples carries a spread of its own; pooling several shrinks the start's share of each gain's noise."""
+    evaluations = start_evaluations(data)
+    if len(evaluations) < 2:
+        return None
+    per_prompt = [_mean(column) for column in zip(*(e["per_prompt_accuracy"] for e in evaluations))]
+    return {**data["start"], "accuracy": _mean(per_prompt), "per_prompt_accuracy": per_prompt}
+
+
 def seed_runs(data: dict) -> dict[str, list[dict]]:
     """Each run's seeds, in seed order: {name: [run of seed 0, run of seed 1, ...]}. `data["seeds"]` maps a seed
-    to its runs; a results file of one seed (`data["runs"]`, before seeds) reads as seed 0."""
+    to its runs; a results file of one seed (`data["runs"]`, before seeds) reads as seed 0. With the start model
+    scored more than once, each run's first point holds the pooled start (`pooled_start`)."""
     by_seed = data.get("seeds") or ({"0": data["runs"]} if data.get("runs") else {})
+    start = pooled_start(data)
     out: dict[str, list[dict]] = {}
     for seed in sorted(by_seed, key=int):
         for name, run in by_seed[seed].items():
+            if start is not None:
+                run = {**run, "points": [{**run["points"][0], "eval": start}, *run["points"][1:]]}
             out.setdefault(name, []).append(run)
     return out
 
@@ -135,6 +156,7 @@ def results_keys(data: dict) -> dict:
         "model": "SmolLM2-135M-Instruct, LoRA r=8",
         "budget": next(iter(runs.values()))[0]["budget"],
         "seeds": max(len(r) for r in runs.values()),
+        "start_accuracy_evaluations": [round(e["accuracy"], 4) for e in start_evaluations(data)],
         "runs": {
             name: {
                 "seeds": [r.get("seed", 0) for r in rs],
@@ -171,6 +193,15 @@ def section(data: dict, plot: str | None) -> list[str]:
     if not summary:
         return []
     start, budget, seeds = data["start"], summary["budget"], summary["seeds"]
+    evaluations, pooled = start_evaluations(data), pooled_start(data)
+    spread_text = (
+        f" The start model was scored {len(evaluations)} times (evaluator seeds and processes differ; vLLM's "
+        f"seeded samples on CPU are not reproducible across processes): "
+        f"{', '.join(_pct(e['accuracy']) for e in evaluations)}; every gain is against their per-prompt mean, "
+        f"{_pct(pooled['accuracy'])}."
+        if pooled
+        else ""
+    )
     lines = [
         "## Online on a real model (issue 16)",
         "",
@@ -183,10 +214,11 @@ def section(data: dict, plot: str | None) -> list[str]:
         "data order and TRL's seed; figures are means over seeds). Held-out: "
         f"{start['prompts']} test prompts × {start['samples_per_prompt']} samples at T=0.7, one evaluator "
         "(`spo-ray generate`: vLLM on CPU, seeded) for every model; 95% CIs: a hierarchical bootstrap over seeds "
-        "and, within each, prompts (the gain's interval is paired on the same prompts). Start: "
+        "and, within each, prompts (the gain's interval is paired on the same prompts). Start "
+        f"({'its first evaluation' if pooled else 'one evaluation'}): "
         f"{_pct(start['accuracy'])} [{_pct(start['accuracy_ci95'][0])}, {_pct(start['accuracy_ci95'][1])}], "
         f"pass@{start['samples_per_prompt']} {_pct(start['pass_at_n'])}, "
-        f"{start['distinct_answers_per_prompt']:.2f} distinct answers per prompt. KL(π‖π₀): nats per "
+        f"{start['distinct_answers_per_prompt']:.2f} distinct answers per prompt.{spread_text} KL(π‖π₀): nats per "
         f"response, Σ over its tokens of the exact per-position KL, on {start.get('kl_samples', '?')} held-out "
         "samples of π. Reproduce: `python bench/run_all.py --only online_real`.",
         "",

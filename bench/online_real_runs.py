@@ -296,7 +296,8 @@ def trl_grpo_run(spec: dict, folder: Path, model: str, budget: dict, started: fl
         top_k=0,
         beta=budget["kl_coef"],
         use_vllm=bool(spec.get("use_vllm")),
-        **({"vllm_mode": "colocate"} if spec.get("use_vllm") else {}),
+        # colocate on CPU: SmolLM2's 8,192 positions overflow a small CPU KV cache (spo_ray's cpu_max_model_len)
+        **({"vllm_mode": "colocate", "vllm_max_model_length": 512} if spec.get("use_vllm") else {}),
     )
     clock = _Clock(folder, budget, started, reward)
     trainer = GRPOTrainer(

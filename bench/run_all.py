@@ -112,7 +112,7 @@ def run_section(name: str, args: argparse.Namespace, log: dict) -> None:
         elif name == "seqpo":
             steps = "100" if quick else str(QUALITY_STEPS)
             run_python(BENCH_DIR / "bench_seqpo.py", ["--steps", steps, "--out", str(OUT / "seqpo.json")])
-        elif name == "online_real":  # SmolLM2 + LoRA vs TRL's online trainers (~25 min)
+        elif name == "online_real":  # SmolLM2 + LoRA vs TRL's online trainers, 2 seeds (~1 h)
             run_python(BENCH_DIR / "bench_online_real.py", ["--out", str(OUT / "online_real")])
         log[name] = {"ok": True, "seconds": round(time.perf_counter() - started, 1)}
         log[name]["load_average_1m"] = [load_at_start, round(os.getloadavg()[0], 2)]  # at start, at end

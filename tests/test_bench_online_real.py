@@ -96,6 +96,7 @@ def test_grpo_run_evaluation_and_report_end_to_end_on_the_tiny_model(tiny_model_
         lines[0] == "## Online on a real model (issue 16)"
         and sum(line.startswith("| TRL") for line in lines) == 1
     )
+    assert "scored" not in lines[2]
 
 
 def test_seed_figures_are_means_and_the_interval_spans_prompts_and_seeds():
@@ -121,5 +122,13 @@ def test_seed_figures_are_means_and_the_interval_spans_prompts_and_seeds():
     assert keys["online_wall_ratio_vs_trl_grpo"] == 0.3  # mean 60 s / mean 200 s
     assert record["gain_ci95"] == [-0.25, 0.5]  # resampling the seeds reaches either seed's gain alone
     assert hierarchical_ci([[0.1, 0.1], [0.1, 0.1]]) == [0.1, 0.1]  # no spread, no width
+    # the start scored twice more: gains are against the per-prompt mean of its three evaluations
+    spread = {"7": {"accuracy": 0.25, "per_prompt_accuracy": [0.0, 0.5, 0.0, 0.5]}}
+    spread["8"] = {"accuracy": 0.25, "per_prompt_accuracy": [0.0, 0.0, 0.5, 0.5]}
+    start = {"accuracy": 0.5, "per_prompt_accuracy": before}
+    pooled = results_keys({"seeds": seeds, "start": start, "start_spread": spread})["online_real"]["runs"]
+    assert pooled["spo_a1"]["accuracy_before"] == pytest.approx(1 / 3)  # (0.5 + 0.25 + 0.25) / 3
+    assert pooled["spo_a1"]["gain_per_seed"] == [0.6667, -0.0833]  # 1.0 − 1/3 and 0.25 − 1/3
+    assert pooled["trl_grpo"]["gain"] == pytest.approx(0.1667, abs=1e-4)  # it stayed at 0.5
     one_seed = hierarchical_ci([[0.0, 1.0] * 8])  # one seed: the plain bootstrap over prompts
     assert 0.2 < one_seed[0] < 0.5 < one_seed[1] < 0.8
