@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,75 @@ def test_reg_prompts_reach_each_worker_through_the_object_store_and_sample_as_th
     assert len(from_ref.prompts) == 7 and [from_ref.prompts[i] for i in range(7)] == prompts
     for step in range(3):
         assert from_ref._prompts_for(step) == from_lists._prompts_for(step)
+
+
+ZEPHYR = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TRICKY_ROWS = [
+    {"prompt": "Why is the sky blue?", "chosen": "Light scatters.", "rejected": "It is paint."},
+    {"prompt": "  spaced  ", "chosen": " leading space", "rejected": "\nleading newline"},
+    {"prompt": "Ünïcödé — ok?", "chosen": "ß and 漢字.", "rejected": "emoji 🙂 end"},
+    {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "First?"},
+            {"role": "assistant", "content": "One."},
+            {"role": "user", "content": "Second question, longer than the first one?"},
+        ],
+        "chosen": "Two, as asked.",
+        "rejected": "<|im_start|> is not a tag here",
+    },
+    {"prompt": "tail", "chosen": "assistant\nassistant", "rejected": "</s> inside"},
+]
+
+
+def _metaspace_tokenizer(tmp_path):
+    """A sentencepiece-style BPE (Metaspace pre-tokenizer, ▁ for spaces) with Zephyr's template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rust = Tokenizer(models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Metaspace()
+    rust.decoder = decoders.Metaspace()
+    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+    corpus = [json.dumps(row, ensure_ascii=False) for row in TRICKY_ROWS] * 20 + [ROW["prompt"]] * 20
+    rust.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=rust, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=ZEPHYR
+    )
+    tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["byte-level BPE, ChatML", "Metaspace BPE, Zephyr", "SmolLM2 (GGUF)"])
+def test_response_ids_are_those_of_the_whole_conversation_tokenized_at_once(family, tiny_model_dir, tmp_path):
+    """The prompt is tokenized once per row and each reply from the prompt's last special token on
+    (`Templater._reply_ids`); the ids must be exactly those of tokenizing prompt + reply whole."""
+    if family.startswith("SmolLM2"):
+        from spo_ray.models.gguf import find_smollm2_gguf
+
+        gguf = find_smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+        tokenizer.eos_token = "<|im_end|>"
+        tokenizer.save_pretrained(tmp_path)
+        path = str(tmp_path)
+    elif family.startswith("Metaspace"):
+        path = _metaspace_tokenizer(tmp_path)
+    else:
+        path = str(tiny_model_dir)
+    templater = Templater.from_path(path, max_length=4096, max_prompt_length=2048)
+    assert templater.anchors, "these tokenizers split at special tokens: the prompt is not re-tokenized"
+    tokenizer = templater.tokenizer
+    examples = [normalize_row(row) for row in TRICKY_ROWS]
+    for example, encoded in zip(examples, templater.encode(examples)):
+        prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+        assert encoded.prompt_ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for response, ids in zip(example.responses, encoded.response_ids):
+            full = tokenizer.apply_chat_template(
+                example.prompt + [{"role": "assistant", "content": response}], tokenize=False
+            )
+            through_eos = full[: full.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
+            expected = tokenizer(through_eos, add_special_tokens=False)["input_ids"]
+            assert encoded.prompt_ids + ids == expected, (family, response)

@@ -72,6 +72,7 @@ class Templater:
         bos = getattr(tokenizer, "bos_token", None)
         self.bos_id = tokenizer.bos_token_id if bos and bos != self.eos_text else None
         self._plain_bos = bos if bos and bos != self.eos_text else ""
+        self.anchors = _split_anchors(tokenizer)
 
     @classmethod
     def from_path(
@@ -80,23 +81,36 @@ class Templater:
         """A Templater over the (cached) tokenizer of a model folder."""
         return cls(load_tokenizer(path), max_length, max_prompt_length, on_long_rows)
 
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        """The templated prompt, ending where the assistant's reply begins."""
+    def prompt_texts(self, conversations: list[list[dict[str, str]]]) -> list[str]:
+        """The templated prompts, each ending where the assistant's reply begins (one batched render)."""
+        if not conversations:
+            return []
         if self.has_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                conversations, tokenize=False, add_generation_prompt=True
+            )
+        return [self._plain_prompt(messages) for messages in conversations]
+
+    def _plain_prompt(self, messages: list[dict[str, str]]) -> str:
         lines = "".join(f"{_PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages)
         return f"{self._plain_bos}{lines}Assistant: "
 
-    def response_text(
-        self, messages: list[dict[str, str]], response: str, prompt: str | None = None
-    ) -> str | None:
-        """The assistant turn's text after the prompt, through eos; None if the template does not extend it."""
+    def reply_texts(self, examples: list[Example], prompts: list[str]) -> list[list[str | None]]:
+        """Per example and response, the assistant turn's text after the prompt (`prompt_texts`), through eos;
+        None where the template does not render the conversation as the prompt followed by it."""
         if not self.has_template:
-            return response + self.eos_text
-        prompt = self.prompt_text(messages) if prompt is None else prompt
-        full = self.tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": response}], tokenize=False
+            return [[response + self.eos_text for response in ex.responses] for ex in examples]
+        conversations = [
+            ex.prompt + [{"role": "assistant", "content": r}] for ex in examples for r in ex.responses
+        ]
+        fulls = iter(
+            self.tokenizer.apply_chat_template(conversations, tokenize=False) if conversations else []
         )
+        return [
+            [self._reply(next(fulls), prompt) for _ in ex.responses] for ex, prompt in zip(examples, prompts)
+        ]
+
+    def _reply(self, full: str, prompt: str) -> str | None:
         if not full.startswith(prompt):
             return None
         reply = full[len(prompt) :]
@@ -120,7 +134,8 @@ class Templater:
             ):  # set in some tokenizer.json files
                 backend.no_truncation()
                 backend.no_padding()
-            return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no offsets
+            return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def truncate_prompt(self, ids: list[int]) -> tuple[list[int], bool]:
@@ -133,37 +148,63 @@ class Templater:
 
     def encode_prompts(self, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
         """Templated prompt ids (generation prompt added), truncated from the left."""
-        texts = [self.prompt_text(messages) for messages in prompts]
-        encoded = self.token_ids(texts)
+        encoded = self.token_ids(self.prompt_texts(prompts))
         return [self.truncate_prompt(ids)[0] for ids in encoded]
 
     def encode(self, examples: list[Example]) -> list[TokenizedExample | RowProblem]:
         """Token ids for each example, or the RowProblem (too_long) that keeps it out."""
         if not examples:
             return []
-        prompts = [self.prompt_text(ex.prompt) for ex in examples]
-        replies = [
-            [self.response_text(ex.prompt, r, p) for r in ex.responses] for ex, p in zip(examples, prompts)
-        ]
-        full_texts = [p + r for p, rs in zip(prompts, replies) for r in rs if r is not None]
+        prompts = self.prompt_texts([ex.prompt for ex in examples])
+        replies = self.reply_texts(examples, prompts)
         prompt_ids = self.token_ids(prompts)
-        full_ids = iter(self.token_ids(full_texts) if full_texts else [])
+        reply_ids = iter(self._reply_ids(prompts, prompt_ids, replies))
         out: list[TokenizedExample | RowProblem] = []
         for ex, p_ids, rs in zip(examples, prompt_ids, replies):
-            responses = []
-            for response, reply in zip(ex.responses, rs):
-                if reply is None:
-                    responses.append(self._split_full(ex.prompt, response, len(p_ids)))
-                    continue
-                ids = next(full_ids)
-                if ids[: len(p_ids)] == p_ids:
-                    responses.append(ids[len(p_ids) :])
-                else:  # a token merged across the boundary: tokenize the reply alone
-                    responses.append(self.token_ids([reply])[0])
+            responses = [
+                next(reply_ids) if reply is not None else self._split_full(ex.prompt, response, len(p_ids))
+                for response, reply in zip(ex.responses, rs)
+            ]
             responses = [r if r and r[-1] == self.eos_id else r + [self.eos_id] for r in responses]
             kept, truncated = self.truncate_prompt(p_ids)
             out.append(self._fit(ex, kept, responses, truncated, len(p_ids)))
         return out
+
+    def _reply_ids(
+        self, prompts: list[str], prompt_ids: list[list[int]], replies: list[list[str | None]]
+    ) -> list[list[int]]:
+        """Per reply (in order, None skipped): the ids that follow the prompt's when prompt + reply is
+        tokenized whole, or the reply's own ids where a token merges across that boundary.
+
+        The tokenizer splits its input at special tokens before it normalizes and pre-tokenizes each piece,
+        so the ids after a special token do not depend on the text before it: prompt + reply is tokenized
+        from the prompt's last special token on (its `head`, e.g. `<|im_start|>assistant\n`), not from the
+        start, and the prompt is tokenized once per row instead of once per response. A head whose ids are
+        not the end of the prompt's ids (the split does not hold there) falls back to the whole prompt."""
+        heads = [prompt[self._anchor_start(prompt) :] for prompt in prompts]
+        distinct = sorted({h for h, p in zip(heads, prompts) if len(h) < len(p)})  # the whole prompt: as is
+        head_ids = dict(zip(distinct, self.token_ids(distinct) if distinct else []))
+        texts, skip = [], []
+        for prompt, p_ids, head, rs in zip(prompts, prompt_ids, heads, replies):
+            ids = head_ids.get(head)
+            if not ids or len(ids) > len(p_ids) or p_ids[len(p_ids) - len(ids) :] != ids:
+                head, ids = prompt, p_ids
+            for reply in rs:
+                if reply is not None:
+                    texts.append((head, reply))
+                    skip.append(ids)
+        encoded = self.token_ids([head + reply for head, reply in texts]) if texts else []
+        out = []
+        for (_, reply), ids, full in zip(texts, skip, encoded):
+            if full[: len(ids)] == ids:
+                out.append(full[len(ids) :])
+            else:  # a token merged across the boundary: tokenize the reply alone
+                out.append(self.token_ids([reply])[0])
+        return out
+
+    def _anchor_start(self, prompt: str) -> int:
+        """Where the prompt's last split anchor (see `_split_anchors`) starts; 0 if it has none."""
+        return max(0, max((prompt.rfind(anchor) for anchor in self.anchors), default=0))
 
     def _fit(
         self, ex: Example, prompt: list[int], responses: list[list[int]], truncated: bool, full_len: int
@@ -198,3 +239,22 @@ class Templater:
         return TokenizedExample(
             prompt, responses, list(ex.ranking), truncated, list(ex.win_probs), cut_responses
         )
+
+
+def _split_anchors(tokenizer: Any) -> tuple[str, ...]:
+    """The special tokens the Rust tokenizer always splits its input at, matched on the raw text (not
+    normalized, not single-word) and contained in no other added token: tokenization restarts after each
+    (`Templater._reply_ids`). Empty for tokenizers without a Rust backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return ()
+    added = [token for token in backend.get_added_tokens_decoder().values() if token.content]
+    contents = [token.content for token in added]
+    return tuple(
+        token.content
+        for token in added
+        if token.special
+        and not token.normalized
+        and not token.single_word
+        and sum(token.content in other for other in contents) == 1
+    )
