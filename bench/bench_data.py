@@ -17,7 +17,7 @@ file of `--rows` rows, each in a fresh process with that code first on the path,
 - resume: `run_training` on a finished run's output dir, the same command again (offline SPO, tiny model).
 
 `--vs-trl` adds the comparison with TRL's DPOTrainer preprocessing on --vs-trl-rows conversational rows
-(bench/data_vs_trl.py says what each side runs), `--large N` our peak memory at N rows as well; the report
+(bench/data_vs_trl.py says what each side runs), `--large N` both sides once more at N rows (time and peak memory); the report
 goes into --out under "vs_trl".
 """
 
@@ -361,7 +361,7 @@ def main() -> None:
     parser.add_argument("--vs-trl-rows", type=int, default=50_000, help="--vs-trl: rows both sides tokenize")
     parser.add_argument("--rounds", type=int, default=2, help="--vs-trl: interleaved rounds (median)")
     parser.add_argument(
-        "--large", type=int, default=0, help="--vs-trl: our peak memory at this many rows too"
+        "--large", type=int, default=0, help="--vs-trl: both sides once more at this many rows"
     )
     parser.add_argument("--cpus", type=int, default=2, help="--vs-trl: Ray CPUs = TRL's dataset_num_proc")
     parser.add_argument("--reps", type=int, default=2, help=argparse.SUPPRESS)
@@ -428,7 +428,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k not in ("results", "vs_trl")}))
     if "vs_trl" in report:
-        print(json.dumps({k: v for k, v in report["vs_trl"].items() if k not in ("runs", "large")}))
+        print(
+            json.dumps({k: v for k, v in report["vs_trl"].items() if k not in ("runs", "large", "large_trl")})
+        )
 
 
 if __name__ == "__main__":

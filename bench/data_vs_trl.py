@@ -274,8 +274,8 @@ def _median(values: list[float]) -> float:
 def compare(
     bench: Path, work_dir: Path, tokenizer: str, rows: int, rounds: int, cpus: int, large: int
 ) -> dict:
-    """`rounds` interleaved pairs of children (ours, TRL) at `rows`; with `large`, ours once more at that size
-    (memory). Ratios: our rows/s ÷ TRL's, from the medians over rounds."""
+    """`rounds` interleaved pairs of children (ours, TRL) at `rows`; with `large`, both sides once more at that
+    size (one first run each: time and memory). Ratios: our rows/s ÷ TRL's, from the medians over rounds."""
     sides: dict[str, list[dict]] = {"ours": [], "trl": []}
     for _ in range(rounds):
         for side in ("ours", "trl"):
@@ -313,8 +313,17 @@ def compare(
     if large:
         big = _child(bench, work_dir, tokenizer, "vs-ours", large, 1, cpus)
         print(json.dumps(big), flush=True)
-        report["large"] = big
+        big_trl = _child(bench, work_dir, tokenizer, "vs-trl", large, 1, cpus)
+        print(json.dumps(big_trl), flush=True)
+        report["large"], report["large_trl"] = big, big_trl
         report["memory_mb"]["ours"][large] = big["memory"]
+        report["memory_mb"]["trl"][large] = big_trl["memory"]
+        report["data_rows_per_s_ratio_vs_trl_large"] = round(
+            big_trl["prepare_seconds"][0] / big["prepare_seconds"][0], 2
+        )
+        report["epoch_rows_per_s_ratio_vs_trl_large"] = round(
+            big_trl["epoch_seconds"] / big["epoch_seconds"], 2
+        )
     return report
 
 
@@ -336,6 +345,10 @@ def results_keys(report: dict) -> dict:
         "epoch_rows_per_s_ratio_vs_trl",
     )
     out = {key: report.get(key) for key in keys}
+    if report.get("large"):  # --large N: both sides once more at N rows, first runs
+        out[f"data_rows_per_s_ratio_vs_trl_{report['large']['rows'] // 1000}k"] = report[
+            "data_rows_per_s_ratio_vs_trl_large"
+        ]
     out["data_vs_trl"] = {
         key: report.get(key)
         for key in (
