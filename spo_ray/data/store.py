@@ -107,8 +107,8 @@ class RowIndex:
         import pyarrow as pa
 
         ids = np.asarray(ids, dtype=np.int64)
-        order, pieces = self._by_part(self.global_rows(ids))
-        pieces = list(pieces)
+        order, by_part = self._by_part(self.global_rows(ids))
+        pieces = list(by_part)
         table = pa.concat_tables(pieces)
         if len(pieces) > 1:
             table = table.take(pa.array(np.argsort(order, kind="stable")))  # back to the order of `ids`
