@@ -204,7 +204,7 @@ class Templater:
 
     def _anchor_start(self, prompt: str) -> int:
         """Where the prompt's last split anchor (see `_split_anchors`) starts; 0 if it has none."""
-        return max(0, max((prompt.rfind(anchor) for anchor in self.anchors), default=0))
+        return max([0, *(prompt.rfind(anchor) for anchor in self.anchors)])  # rfind: -1 when absent
 
     def _fit(
         self, ex: Example, prompt: list[int], responses: list[list[int]], truncated: bool, full_len: int
