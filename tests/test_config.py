@@ -83,6 +83,7 @@ def test_integer_is_accepted_where_a_float_is_expected(tmp_path):
         (["data.max_prompt_length=600"], "data.max_prompt_length", "no room"),
         (["train.strategy=zero3"], "train.strategy", "not one of"),
         (["rollout.lora_sync=adapter"], "rollout.lora_sync", "model.lora.r > 0"),
+        (["rollout.cpu_weights=fast"], "rollout.cpu_weights", "not one of"),
         (
             ["rollout.lora_sync=adapter", "model.lora.r=8", "rollout.backend=hf"],
             "rollout.lora_sync",

@@ -162,6 +162,7 @@ def test_lora_rounds_keep_the_kl_anchor_at_the_starting_policy(ray_runtime, tmp_
             "iterate.candidates_per_prompt=8",
             "model.lora.r=4",
             "rollout.overlap=false",  # lag 0: rollout log-probs must equal the trainer's
+            "rollout.cpu_weights=packed",  # vLLM's oneDNN-packed weights: every load is a full reload
             "loss.name=spo",
             "loss.kl_coef=0.1",
             # the entropy dial on the rounds' own candidates: α goes on from round to round

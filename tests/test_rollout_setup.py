@@ -56,6 +56,11 @@ def test_gpu_transports_need_vllm_on_gpu_actors(tiny_model_dir):
         RolloutPool(tiny_model_dir, backend="vllm", transport="nccl")
 
 
+def test_an_unknown_cpu_weights_mode_is_refused_before_any_engine_starts(tiny_model_dir):
+    with pytest.raises(UserError, match="rollout.cpu_weights: 'fast' is not one of 'in_place', 'packed'"):
+        RolloutPool(tiny_model_dir, backend="vllm", cpu_weights="fast")
+
+
 @pytest.mark.slow
 def test_vllm_cpu_rejects_a_head_dim_16_model_naming_the_head_size(ray_runtime, head_dim_16_model):
     with pytest.raises(UserError, match=r"head size is 16.*supports only \[.*64.*\].*backend='hf'"):

@@ -90,6 +90,10 @@ class RolloutPool:
     ):
         model_path = os.fspath(model_path)
         _check_arguments(model_path, num_actors, backend, transport, num_gpus_per_actor, timeout_s)
+        if engine_options.get("cpu_weights", "in_place") not in ("in_place", "packed"):
+            raise UserError(
+                f"rollout.cpu_weights: {engine_options['cpu_weights']!r} is not one of 'in_place', 'packed'"
+            )
         if not ray.is_initialized():
             raise UserError(
                 "RolloutPool needs a Ray runtime: call ray.init() (or run inside a Ray job) first"
@@ -160,6 +164,8 @@ class RolloutPool:
         support, and trainers sync the adapter rather than the merged model (`pool.lora_adapters`)."""
         if cfg.backend == "vllm" and cfg.num_gpus_per_actor > 0:
             engine_options.setdefault("gpu_memory_utilization", cfg.gpu_memory_utilization)
+        if cfg.backend == "vllm":
+            engine_options.setdefault("cpu_weights", cfg.cpu_weights)
         if lora_rank > 0 and cfg.backend == "vllm" and cfg.lora_sync != "merged":
             engine_options.setdefault("enable_lora", True)
             engine_options.setdefault(

@@ -50,6 +50,7 @@ class VllmEngine(RolloutEngine):
     seeds."""
 
     llm: Any = None
+    weights_load: str = "reload"  # how a sync loads full weights: "in_place" or "reload" (vllm_worker.py)
     lora_request: Any = None  # the adapter every generation uses (None: the loaded weights alone)
     adapters_loaded = 0  # vLLM adapter ids: 1, 2, ... (never reused within an engine)
 
@@ -59,6 +60,7 @@ class VllmEngine(RolloutEngine):
 
         config = AutoConfig.from_pretrained(self.model_path)
         options = dict(self.engine_options)
+        cpu_weights = options.pop("cpu_weights", "in_place")  # rollout.cpu_weights, ours, not vLLM's
         # vLLM's "auto" turns float32 checkpoints into 16-bit; serve the stored dtype (float32 when
         # the folder does not say, as transformers loads it) so rollout log-probs match the trainer's.
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -69,6 +71,10 @@ class VllmEngine(RolloutEngine):
                 options.setdefault(key, value)
             if "max_model_len" not in options and "kv_cache_memory_bytes" in options:
                 options["max_model_len"] = cpu_max_model_len(config, options)
+            if cpu_weights == "in_place":
+                from spo_ray.rollout.engines.vllm_worker import keep_cpu_linear_weights
+
+                keep_cpu_linear_weights()
         from vllm import LLM
 
         from spo_ray.logs import configure_logging, is_quiet
@@ -84,6 +90,11 @@ class VllmEngine(RolloutEngine):
                 f"vLLM cannot serve the model at {self.model_path}: {type(exc).__name__}: {exc} "
                 "(use backend='hf' for models vLLM does not support)"
             ) from None
+        in_place = self.llm.collective_rpc("weights_load_in_place")
+        self.weights_load = "in_place" if all(in_place) else "reload"
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "weights_load": self.weights_load}
 
     def _check_cpu_head_size(self, config: Any) -> None:
         """vLLM's CPU attention supports a few head sizes; fail with the reason before loading."""

@@ -1,15 +1,81 @@
-"""Methods mixed into vLLM's workers (`worker_extension_cls`): reload weights from tensors or safetensors bytes."""
+"""Methods mixed into vLLM's workers (`worker_extension_cls`): reload weights from tensors or safetensors bytes.
+
+Two ways to load new weights into a running engine:
+
+- in place (CPU engines with `rollout.cpu_weights=in_place`, the default): `model.load_weights` copies each
+  tensor into the parameter it belongs to (q/k/v and gate/up into their fused slices). One copy of the bytes.
+- a reload (GPU engines, `cpu_weights=packed`, quantized models): `model_runner.reload_weights` restores every
+  layer's checkpoint layout, loads, and runs each layer's post-load processing again. vLLM's CPU build needs
+  it when it packs linear layers for oneDNN: the packing drops the `weight` parameter, so there is nothing to
+  copy into, and every sync allocates, copies and packs again (bench/RESULTS.md, "Weight sync").
+
+`keep_cpu_linear_weights` (called before the engine loads, `rollout.cpu_weights=in_place`) makes vLLM's CPU
+linear layers run torch's `F.linear` on their loaded weights instead of packing them, so loads stay in place.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+
+def keep_cpu_linear_weights() -> bool:
+    """From now on in this process, vLLM's CPU build keeps every 2-D linear weight (the layers and the LM head)
+    and computes with `F.linear` on it, rather than packing it for oneDNN and dropping it. False when this
+    vLLM has no such dispatch (a GPU build, or a version that changed it): engines then reload instead."""
+    try:
+        from vllm.model_executor.layers import utils
+    except ImportError:
+        return False
+    packing = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
+    if packing is None:
+        return False
+    if getattr(packing, "keeps_weights", False):
+        return True
+
+    def keep_weights(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2 or layer.weight.is_meta:  # convolutions, MoE experts, missing layers
+            packing(layer, remove_weight)
+            return
+        layer.cpu_linear = _plain_linear
+
+    keep_weights.keeps_weights = True  # type: ignore[attr-defined]
+    utils.dispatch_cpu_unquantized_gemm = keep_weights  # vLLM imports it from utils at each call
+    return True
+
+
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def loads_in_place(model: torch.nn.Module, quantized: bool) -> bool:
+    """Whether loads copy into `model`'s parameters: `keep_cpu_linear_weights` is on in this process (CPU
+    engines; post-load processing then only picks `F.linear`), no parameter was dropped by packing, and no
+    quantization method transforms the weights after loading."""
+    from vllm.model_executor.layers import utils
+
+    keeps = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "keeps_weights", False)
+    return keeps and not quantized and all(p.numel() > 0 for p in model.parameters())
+
+
+def load_in_place(model: torch.nn.Module, weights: dict[str, Any]) -> None:
+    """Copy `weights` (checkpoint names) into the model's parameters; every parameter must be among them, as
+    vLLM's own loader requires (LoRA-wrapped layers name theirs `.base_layer.`; the loader reports them
+    without)."""
+    loaded = set(model.load_weights(weights=iter(weights.items())))
+    expected = {name.replace(".base_layer.", ".") for name, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(
+            f"the weights leave {len(missing)} parameters of the rollout model unloaded, e.g. {missing[:3]}"
+        )
+
 
 class WeightReloadExtension:
     """Reached with `LLM.collective_rpc("reload_tensors", args=(state_dict,))`, or `reload_safetensors`.
 
-    After loading, vLLM's CPU build repacks linear layers, so `model.load_weights` cannot run twice;
-    `model_runner.reload_weights` restores the checkpoint layout, loads, and repacks again.
+    Loads in place when the model allows it (`loads_in_place`), else reloads (module docstring).
     Tensors do not survive RPC serialization intact, so workers in other processes get bytes.
     """
 
@@ -18,9 +84,17 @@ class WeightReloadExtension:
     def reload_safetensors(self, payload: Any) -> None:
         from spo_ray.rollout.serialization import bytes_to_state_dict
 
-        state_dict = bytes_to_state_dict(payload)
-        self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+        self.reload_tensors(bytes_to_state_dict(payload))
 
     def reload_tensors(self, state_dict: dict[str, Any]) -> None:
         """Load tensors handed over in-process (they may view the object store's shared memory)."""
-        self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+        model = self.model_runner.model
+        if loads_in_place(model, self.model_runner.vllm_config.quant_config is not None):
+            load_in_place(model, state_dict)
+        else:
+            self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
+
+    def weights_load_in_place(self) -> bool:
+        """Whether this worker's loads are in place (engine start-up reports it)."""
+        model = self.model_runner.model
+        return loads_in_place(model, self.model_runner.vllm_config.quant_config is not None)
