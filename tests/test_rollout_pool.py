@@ -117,7 +117,7 @@ def test_synced_weights_give_rollout_logprobs_matching_hf_and_carry_the_version(
         f"\n[{pool.backend}] rollout vs HF log-prob MAE after sync: {gap:.2e} (vs unsynced: {stale_gap:.2e})"
     )
     assert gap < 1e-3 < stale_gap
-    if pool.backend == "vllm":  # rollout.cpu_weights=in_place (default): the sync copied into the weights
+    if pool.backend == "vllm":  # rollout.cpu_weights=in_place (default): the engine loads syncs in place
         assert [info["weights_load"] for info in pool.engine_info()] == ["in_place"]
 
 

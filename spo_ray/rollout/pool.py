@@ -66,7 +66,8 @@ class RolloutPool:
     trainers' rank 0 does, so engines end up next to the trainers even when the driver runs elsewhere,
     as under `ray job submit`); False spreads engines over the cluster. `engine_options` go to
     `vllm.LLM` (e.g. `max_model_len`, `kv_cache_memory_bytes`, `gpu_memory_utilization`, `dtype`)
-    or to `from_pretrained` for `backend="hf"` (`dtype`, `device`).
+    or to `from_pretrained` for `backend="hf"` (`dtype`, `device`); `cpu_weights` ("in_place", the default,
+    or "packed": `rollout.cpu_weights`) is spo_ray's own, for vLLM's CPU engines.
     """
 
     def __init__(

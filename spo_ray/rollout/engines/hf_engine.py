@@ -47,6 +47,7 @@ class HfEngine(RolloutEngine):
         options = dict(self.engine_options)
         dtype = options.pop("dtype", "auto")
         device = options.pop("device", "cuda" if torch.cuda.is_available() else "cpu")
+        options.pop("cpu_weights", None)  # rollout.cpu_weights concerns vLLM's CPU engines only
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, **options)
