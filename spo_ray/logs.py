@@ -21,8 +21,9 @@ LEVELS = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEB
 BENIGN = (
     (
         "Failed to load weights",
-        "vLLM reloading weights: RotaryEmbedding has no weights in a checkpoint (its cos/sin cache is computed), "
-        "so vLLM keeps it as it was; every real weight is loaded (tests/test_rollout_weights.py)",
+        "vLLM reloading weights (rollout.cpu_weights=packed): RotaryEmbedding has no weights in a checkpoint (its "
+        "cos/sin cache is computed), so vLLM keeps it as it was; every real weight is loaded "
+        "(tests/test_rollout_weights.py)",
     ),
     ("doesn't allow to use `torch.set_num_threads`", "vLLM CPU: threads are bound once at start"),
     ("is not found in LD_PRELOAD", "vLLM CPU: tcmalloc/iomp would only be faster"),

@@ -200,8 +200,10 @@ VLLM_INFO = re.compile(
 
 
 def test_verbose_cli_shows_the_library_lines_a_default_run_hides(tmp_path):
-    """`spo-ray --verbose`: every library line, the known-benign weight-reload warning included."""
-    overrides = [arg for setting in [*SMALL, "train.max_steps=2"] for arg in ("--set", setting)]
+    """`spo-ray --verbose`: every library line, the known-benign weight-reload warning included (vLLM logs it
+    when it reloads, so with `rollout.cpu_weights=packed`; in place it has nothing to say)."""
+    settings = [*SMALL, "train.max_steps=2", "rollout.cpu_weights=packed"]
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
     command = [sys.executable, "-m", "spo_ray.cli", "--verbose", "train", "--config", "configs/tiny_cpu.yaml"]
     done = subprocess.run(
         [*command, "--output-dir", str(tmp_path / "run"), *overrides],
@@ -225,7 +227,9 @@ def test_ray_job_submit_runs_the_tiny_job_on_a_local_head(tmp_path):
     other_dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != bin_dir]
     cluster = LocalRayCluster(tmp_path, env=cluster_env(path_dirs=other_dirs))
     out = tmp_path / "job_out"
-    overrides = [arg for setting in [*SMALL, "train.max_steps=4"] for arg in ("--set", setting)]
+    # packed CPU weights: every sync reloads, and vLLM logs the benign reload warning the quiet console drops
+    settings = [*SMALL, "train.max_steps=4", "rollout.cpu_weights=packed"]
+    overrides = [arg for setting in settings for arg in ("--set", setting)]
     entrypoint = [
         "python",
         "jobs/train_spo.py",
