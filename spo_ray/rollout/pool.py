@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from spo_ray.errors import UserError
 from spo_ray.logs import process_env
+from spo_ray.rollout.engines.vllm_worker import CPU_WEIGHTS
 from spo_ray.rollout.manager import EngineSpec, RolloutManager
 from spo_ray.rollout.placement import Placement
 from spo_ray.rollout.transports import ObjectStoreTransport, WeightTransport, make_transport
@@ -91,7 +92,7 @@ class RolloutPool:
     ):
         model_path = os.fspath(model_path)
         _check_arguments(model_path, num_actors, backend, transport, num_gpus_per_actor, timeout_s)
-        if engine_options.get("cpu_weights", "in_place") not in ("in_place", "packed"):
+        if engine_options.get("cpu_weights", CPU_WEIGHTS[0]) not in CPU_WEIGHTS:
             raise UserError(
                 f"rollout.cpu_weights: {engine_options['cpu_weights']!r} is not one of 'in_place', 'packed'"
             )

@@ -12,6 +12,7 @@ import torch
 
 from spo_ray.errors import UserError
 from spo_ray.rollout.engines.base import RawCompletion, RolloutEngine
+from spo_ray.rollout.engines.vllm_worker import CPU_WEIGHTS, keep_cpu_linear_weights
 from spo_ray.rollout.serialization import state_dict_to_bytes
 from spo_ray.rollout.types import SamplingSettings
 
@@ -60,7 +61,7 @@ class VllmEngine(RolloutEngine):
 
         config = AutoConfig.from_pretrained(self.model_path)
         options = dict(self.engine_options)
-        cpu_weights = options.pop("cpu_weights", "in_place")  # rollout.cpu_weights, ours, not vLLM's
+        cpu_weights = options.pop("cpu_weights", CPU_WEIGHTS[0])  # rollout.cpu_weights, ours, not vLLM's
         # vLLM's "auto" turns float32 checkpoints into 16-bit; serve the stored dtype (float32 when
         # the folder does not say, as transformers loads it) so rollout log-probs match the trainer's.
         stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -72,8 +73,6 @@ class VllmEngine(RolloutEngine):
             if "max_model_len" not in options and "kv_cache_memory_bytes" in options:
                 options["max_model_len"] = cpu_max_model_len(config, options)
             if cpu_weights == "in_place":
-                from spo_ray.rollout.engines.vllm_worker import keep_cpu_linear_weights
-
                 keep_cpu_linear_weights()
         from vllm import LLM
 

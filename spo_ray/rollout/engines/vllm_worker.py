@@ -19,20 +19,32 @@ from typing import Any
 
 import torch
 
+CPU_WEIGHTS = ("in_place", "packed")  # rollout.cpu_weights
 
-def keep_cpu_linear_weights() -> bool:
-    """From now on in this process, vLLM's CPU build keeps every 2-D linear weight (the layers and the LM head)
-    and computes with `F.linear` on it, rather than packing it for oneDNN and dropping it. False when this
-    vLLM has no such dispatch (a GPU build, or a version that changed it): engines then reload instead."""
+
+def _vllm_layer_utils() -> Any:
+    """vLLM's `model_executor.layers.utils` (home of its CPU GEMM dispatch), or None without vLLM."""
     try:
         from vllm.model_executor.layers import utils
     except ImportError:
-        return False
+        return None
+    return utils
+
+
+def _keeping_weights() -> bool:
+    """Whether `keep_cpu_linear_weights` is in effect in this process."""
+    dispatch = getattr(_vllm_layer_utils(), "dispatch_cpu_unquantized_gemm", None)
+    return getattr(dispatch, "keeps_weights", False)
+
+
+def keep_cpu_linear_weights() -> None:
+    """From now on in this process, vLLM's CPU build keeps every 2-D linear weight (the layers and the LM head)
+    and computes with `F.linear` on it, rather than packing it for oneDNN and dropping it. Without such a
+    dispatch (a GPU build, or a vLLM version that changed it) nothing changes: engines then reload."""
+    utils = _vllm_layer_utils()
     packing = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
-    if packing is None:
-        return False
-    if getattr(packing, "keeps_weights", False):
-        return True
+    if packing is None or _keeping_weights():
+        return
 
     def keep_weights(layer: torch.nn.Module, remove_weight: bool) -> None:
         if layer.weight.ndim != 2 or layer.weight.is_meta:  # convolutions, MoE experts, missing layers
@@ -42,7 +54,6 @@ def keep_cpu_linear_weights() -> bool:
 
     keep_weights.keeps_weights = True  # type: ignore[attr-defined]
     utils.dispatch_cpu_unquantized_gemm = keep_weights  # vLLM imports it from utils at each call
-    return True
 
 
 def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -53,10 +64,7 @@ def loads_in_place(model: torch.nn.Module, quantized: bool) -> bool:
     """Whether loads copy into `model`'s parameters: `keep_cpu_linear_weights` is on in this process (CPU
     engines; post-load processing then only picks `F.linear`), no parameter was dropped by packing, and no
     quantization method transforms the weights after loading."""
-    from vllm.model_executor.layers import utils
-
-    keeps = getattr(getattr(utils, "dispatch_cpu_unquantized_gemm", None), "keeps_weights", False)
-    return keeps and not quantized and all(p.numel() > 0 for p in model.parameters())
+    return _keeping_weights() and not quantized and all(p.numel() > 0 for p in model.parameters())
 
 
 def load_in_place(model: torch.nn.Module, weights: dict[str, Any]) -> None:
@@ -88,13 +96,14 @@ class WeightReloadExtension:
 
     def reload_tensors(self, state_dict: dict[str, Any]) -> None:
         """Load tensors handed over in-process (they may view the object store's shared memory)."""
-        model = self.model_runner.model
-        if loads_in_place(model, self.model_runner.vllm_config.quant_config is not None):
-            load_in_place(model, state_dict)
+        if self.weights_load_in_place():
+            load_in_place(self.model_runner.model, state_dict)
         else:
             self.model_runner.reload_weights(weights_iterator=iter(state_dict.items()))
 
     def weights_load_in_place(self) -> bool:
-        """Whether this worker's loads are in place (engine start-up reports it)."""
-        model = self.model_runner.model
-        return loads_in_place(model, self.model_runner.vllm_config.quant_config is not None)
+        """Whether this worker's loads are in place (decided once: loads keep the weights' layout)."""
+        if getattr(self, "_in_place", None) is None:
+            quantized = self.model_runner.vllm_config.quant_config is not None
+            self._in_place = loads_in_place(self.model_runner.model, quantized)
+        return self._in_place
