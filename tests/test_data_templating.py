@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizer_families import FAMILIES, TRICKY_ROWS, tokenizer_folder
 from transformers import AutoTokenizer
 
 from spo_ray.config import DataConfig
 from spo_ray.data import collate_preference_batch, load_reg_prompts, normalize_row
 from spo_ray.data.schema import RowProblem
-from spo_ray.data.templating import Templater
+from spo_ray.data.templating import Templater, load_tokenizer
 
 ROW = {"prompt": "Why is the sky blue?", "chosen": "Light scatters.", "rejected": "It is paint."}
 
@@ -37,10 +37,16 @@ def templater(tiny_model_dir):
     return Templater.from_path(str(tiny_model_dir), max_length=64, max_prompt_length=24)
 
 
-def test_prompt_plus_response_ids_are_the_templated_conversation_through_eos(templater):
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The transformers tokenizer of the same folder: what ids and texts are checked against."""
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def test_prompt_plus_response_ids_are_the_templated_conversation_through_eos(templater, reference):
     example = normalize_row(ROW)
     (encoded,) = templater.encode([example])
-    tokenizer = templater.tokenizer
+    tokenizer = reference
     for response, ids in zip(example.responses, encoded.response_ids):
         full = tokenizer.apply_chat_template(
             example.prompt + [{"role": "assistant", "content": response}], tokenize=False
@@ -51,10 +57,10 @@ def test_prompt_plus_response_ids_are_the_templated_conversation_through_eos(tem
         assert ids[-1] == tokenizer.eos_token_id
 
 
-def test_response_mask_selects_exactly_the_response_tokens(templater):
+def test_response_mask_selects_exactly_the_response_tokens(templater, reference):
     encoded = templater.encode([normalize_row(ROW), normalize_row({**ROW, "prompt": "Hi", "chosen": "Yo!"})])
-    batch = collate_preference_batch(as_rows(encoded), templater.tokenizer.pad_token_id)
-    decode = templater.tokenizer.decode
+    batch = collate_preference_batch(as_rows(encoded), reference.pad_token_id)
+    decode = reference.decode
     assert batch.input_ids.shape[0] == 4 and batch.num_responses == 2
     texts = [decode(ids[mask.bool()].tolist()) for ids, mask in zip(batch.input_ids, batch.response_mask)]
     assert texts == [
@@ -73,14 +79,14 @@ def test_response_mask_selects_exactly_the_response_tokens(templater):
     assert batch.ranking.tolist() == [[0, 1], [0, 1]] and batch.example_ids.tolist() == [0, 1]
 
 
-def test_long_prompts_are_cut_from_the_left_and_responses_are_kept_whole(templater):
+def test_long_prompts_are_cut_from_the_left_and_responses_are_kept_whole(templater, reference):
     long_prompt = "First words. " + " ".join(f"w{i}" for i in range(40)) + " Last question?"
     (encoded,) = templater.encode([normalize_row({**ROW, "prompt": long_prompt})])
     assert encoded.prompt_truncated and len(encoded.prompt_ids) == 24
-    prompt_text = templater.tokenizer.decode(encoded.prompt_ids)
+    prompt_text = reference.decode(encoded.prompt_ids)
     assert prompt_text.endswith("Last question?<|im_end|>\n<|im_start|>assistant\n")
     assert "First words" not in prompt_text
-    assert templater.tokenizer.decode(encoded.response_ids[0]) == "Light scatters.<|im_end|>"
+    assert reference.decode(encoded.response_ids[0]) == "Light scatters.<|im_end|>"
 
 
 def test_a_response_that_cannot_fit_is_cut_to_fit_keeping_its_start_by_default(templater):
@@ -127,8 +133,8 @@ def test_tokenizers_without_a_chat_template_use_the_documented_plain_format(tiny
         }
     )
     (encoded,) = plain.encode([example])
-    assert plain.tokenizer.decode(encoded.prompt_ids) == "<|im_start|>System: Be kind.\nUser: Hi\nAssistant: "
-    assert [plain.tokenizer.decode(r) for r in encoded.response_ids] == ["Yo<|im_end|>", "No<|im_end|>"]
+    assert tokenizer.decode(encoded.prompt_ids) == "<|im_start|>System: Be kind.\nUser: Hi\nAssistant: "
+    assert [tokenizer.decode(r) for r in encoded.response_ids] == ["Yo<|im_end|>", "No<|im_end|>"]
 
 
 def test_reg_prompts_come_from_the_prompt_file_or_else_from_the_train_prompts(tiny_model_dir, tmp_path):
@@ -174,65 +180,14 @@ def test_reg_prompts_reach_each_worker_through_the_object_store_and_sample_as_th
         assert from_ref._prompts_for(step) == from_lists._prompts_for(step)
 
 
-ZEPHYR = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-TRICKY_ROWS = [
-    {"prompt": "Why is the sky blue?", "chosen": "Light scatters.", "rejected": "It is paint."},
-    {"prompt": "  spaced  ", "chosen": " leading space", "rejected": "\nleading newline"},
-    {"prompt": "Ünïcödé — ok?", "chosen": "ß and 漢字.", "rejected": "emoji 🙂 end"},
-    {
-        "prompt": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "First?"},
-            {"role": "assistant", "content": "One."},
-            {"role": "user", "content": "Second question, longer than the first one?"},
-        ],
-        "chosen": "Two, as asked.",
-        "rejected": "<|im_start|> is not a tag here",
-    },
-    {"prompt": "tail", "chosen": "assistant\nassistant", "rejected": "</s> inside"},
-]
-
-
-def _metaspace_tokenizer(tmp_path):
-    """A sentencepiece-style BPE (Metaspace pre-tokenizer, ▁ for spaces) with Zephyr's template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rust = Tokenizer(models.BPE(unk_token="<unk>"))
-    rust.pre_tokenizer = pre_tokenizers.Metaspace()
-    rust.decoder = decoders.Metaspace()
-    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
-    corpus = [json.dumps(row, ensure_ascii=False) for row in TRICKY_ROWS] * 20 + [ROW["prompt"]] * 20
-    rust.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=rust, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=ZEPHYR
-    )
-    tokenizer.save_pretrained(tmp_path)
-    return str(tmp_path)
-
-
-@pytest.mark.parametrize("family", ["byte-level BPE, ChatML", "Metaspace BPE, Zephyr", "SmolLM2 (GGUF)"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_response_ids_are_those_of_the_whole_conversation_tokenized_at_once(family, tiny_model_dir, tmp_path):
     """The prompt is tokenized once per row and each reply from the prompt's last special token on
     (`Templater._reply_ids`); the ids must be exactly those of tokenizing prompt + reply whole."""
-    if family.startswith("SmolLM2"):
-        from spo_ray.models.gguf import find_smollm2_gguf
-
-        gguf = find_smollm2_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
-        tokenizer.eos_token = "<|im_end|>"
-        tokenizer.save_pretrained(tmp_path)
-        path = str(tmp_path)
-    elif family.startswith("Metaspace"):
-        path = _metaspace_tokenizer(tmp_path)
-    else:
-        path = str(tiny_model_dir)
+    path = tokenizer_folder(family, tiny_model_dir, tmp_path)
     templater = Templater.from_path(path, max_length=4096, max_prompt_length=2048)
     assert templater.anchors, "these tokenizers split at special tokens: the prompt is not re-tokenized"
-    tokenizer = templater.tokenizer
+    tokenizer = load_tokenizer(path)  # transformers' rendering and ids are the reference
     examples = [normalize_row(row) for row in TRICKY_ROWS]
     for example, encoded in zip(examples, templater.encode(examples)):
         prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)

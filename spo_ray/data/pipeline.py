@@ -19,7 +19,7 @@ from spo_ray.data.processing import ChunkResult, is_fatal, iter_examples, proces
 from spo_ray.data.schema import Example
 from spo_ray.data.sources import Chunk, Source, config_sources, iter_chunk_rows, plan_chunks, unread_files
 from spo_ray.data.store import RowIndex
-from spo_ray.data.templating import load_tokenizer
+from spo_ray.data.templating import load_template_tokenizer
 from spo_ray.errors import DataError
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ def prepare_preference_data(data_cfg: DataConfig, tokenizer_path: str, output_di
 
     Bad rows raise DataError (file:line: field: reason) with on_bad_rows=error; with skip they go to
     OUTPUT/quarantine.jsonl and `bad_rows` counts them by reason."""
-    tokenizer = load_tokenizer(str(tokenizer_path))
+    tokenizer = load_template_tokenizer(str(tokenizer_path))
     sources = config_sources(data_cfg)
     root = os.path.join(output_dir, "data")
     settings = _settings(data_cfg)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from spo_ray.data.chat_tokenizer import load_chat_tokenizer
 from spo_ray.data.schema import Example, RowProblem
 from spo_ray.errors import DataError
 
@@ -29,6 +30,18 @@ def load_tokenizer(path: str) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
     except Exception as exc:  # transformers raises OSError, ValueError, ...; name the path
         raise DataError(f"tokenizer '{path}' could not be loaded ({type(exc).__name__}: {exc})") from None
+    return _with_eos(tokenizer, path)
+
+
+@functools.lru_cache(maxsize=4)
+def load_template_tokenizer(path: str) -> Any:
+    """What `Templater` tokenizes with (cached per process): a `ChatTokenizer` where transformers would take
+    the folder's files as they are, so a Ray worker never imports transformers; else `load_tokenizer`'s."""
+    tokenizer = load_chat_tokenizer(path)
+    return load_tokenizer(path) if tokenizer is None else _with_eos(tokenizer, path)
+
+
+def _with_eos(tokenizer: Any, path: str) -> Any:
     if tokenizer.eos_token_id is None:
         raise DataError(
             f"tokenizer '{path}' has no eos_token: set one in its tokenizer_config.json (responses end with it)"
@@ -79,7 +92,7 @@ class Templater:
         cls, path: str, max_length: int, max_prompt_length: int, on_long_rows: str = "truncate"
     ) -> Templater:
         """A Templater over the (cached) tokenizer of a model folder."""
-        return cls(load_tokenizer(path), max_length, max_prompt_length, on_long_rows)
+        return cls(load_template_tokenizer(path), max_length, max_prompt_length, on_long_rows)
 
     def prompt_texts(self, conversations: list[list[dict[str, str]]]) -> list[str]:
         """The templated prompts, each ending where the assistant's reply begins (one batched render)."""
