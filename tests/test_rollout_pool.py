@@ -251,6 +251,47 @@ def test_bad_sampling_parameters_and_prompts_raise_clear_errors(pool):
         pool.generate([TOKEN_PROMPT * 100], max_tokens=10_000_000)  # past any context the engine holds
 
 
+def test_shared_cpu_weights_serve_the_object_store_tensors_and_survive_their_refs_going(
+    ray_runtime, tiny_model_dir, hf_model
+):
+    """rollout.cpu_weights=shared: the engine's whole-tensor parameters (embedding, LM head, norms, o_proj,
+    down_proj) are the synced tensors in the object store, not copies. They stay valid after the trainer's refs
+    are gone and the store has taken other objects, and a later sync replaces them."""
+    rollout = RolloutPool(tiny_model_dir, backend="vllm", seed=0, timeout_s=120, cpu_weights="shared")
+    try:
+        prompts = [TOKEN_PROMPT, "Why does the river move?"]
+        for version, seed in ((1, 11), (2, 12)):
+            policy = perturbed(hf_model, scale=0.05, seed=seed)
+            rollout.sync_weights(state_dict_for_sync(policy), version=version)
+            (info,) = rollout.engine_info()
+            assert info["weights_load"] == "in_place"
+            whole = [
+                p
+                for n, p in policy.named_parameters()
+                if not n.endswith(
+                    ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+                )
+            ]
+            assert info["shared_weight_bytes"] == sum(p.numel() * p.element_size() for p in whole)
+            del policy
+            garbage = [ray.put(torch.randn(1 << 20).numpy()) for _ in range(64)]  # 256 MB of other objects
+            del garbage
+            samples = flat(rollout.generate(prompts, n=2, max_tokens=16))
+            assert {s.policy_version for s in samples} == {version}
+            expected = perturbed(hf_model, scale=0.05, seed=seed)
+            assert logprob_gap(expected, samples) < 1e-3 < logprob_gap(hf_model, samples)
+        # a load that fails: the engine is replaced, and the new one serves version 2's objects, shared too
+        bad = {"model.embed_tokens.weight": torch.zeros(3, 5)}
+        with pytest.raises(UserError, match="weights of version 3 do not fit"):
+            rollout.sync_weights(bad, version=3)
+        samples = flat(rollout.generate(prompts, n=2, max_tokens=16))
+        assert {s.policy_version for s in samples} == {2} and logprob_gap(expected, samples) < 1e-3
+        (replaced,) = rollout.engine_info()
+        assert replaced["replaced"] == 1 and replaced["shared_weight_bytes"] == info["shared_weight_bytes"]
+    finally:
+        rollout.shutdown()
+
+
 def test_a_killed_engine_is_replaced_and_the_call_returns_with_the_latest_weights(pool, hf_model):
     policy = perturbed(hf_model, scale=0.05, seed=3)
     pool.sync_weights(state_dict_for_sync(policy), version=7)

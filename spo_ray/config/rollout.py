@@ -59,11 +59,13 @@ class RolloutConfig:
     )
     seed: int = option(0, "engine seed: samples reproducible for a seed, different across requests")
     timeout_s: float = option(300.0, "timeout of any remote rollout call before the actor is replaced", gt=0)
-    cpu_weights: Literal["in_place", "packed"] = option(
+    cpu_weights: Literal["in_place", "packed", "shared"] = option(
         "in_place",
         "vLLM CPU engines: in_place = linear layers compute on their loaded weights and a sync copies into them "
-        "(SmolLM2: whole sync 0.29 s); packed = vLLM's oneDNN-packed weights, 11-15% faster generation, but "
-        "every sync reloads and repacks the model (0.57 s). GPU engines ignore it",
+        "(SmolLM2: whole sync 0.29 s); shared = as in_place, but weights that load whole (embedding, LM head, "
+        "norms, o/down projections) are served straight from the object store, not copied (each engine then "
+        "holds its version's objects in the store); packed = vLLM's oneDNN-packed weights, 11-15% faster "
+        "generation, but every sync reloads and repacks the model (0.57 s). GPU engines ignore it",
     )
     gpu_memory_utilization: float = option(0.3, "vLLM GPU memory fraction (GPU build only)", gt=0, le=1)
     lora_sync: Literal["auto", "adapter", "merged"] = option(

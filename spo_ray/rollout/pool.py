@@ -68,7 +68,7 @@ class RolloutPool:
     as under `ray job submit`); False spreads engines over the cluster. `engine_options` go to
     `vllm.LLM` (e.g. `max_model_len`, `kv_cache_memory_bytes`, `gpu_memory_utilization`, `dtype`)
     or to `from_pretrained` for `backend="hf"` (`dtype`, `device`); `cpu_weights` ("in_place", the default,
-    or "packed": `rollout.cpu_weights`) is spo_ray's own, for vLLM's CPU engines.
+    "shared" or "packed": `rollout.cpu_weights`) is spo_ray's own, for vLLM's CPU engines.
     """
 
     def __init__(
@@ -94,7 +94,8 @@ class RolloutPool:
         _check_arguments(model_path, num_actors, backend, transport, num_gpus_per_actor, timeout_s)
         if engine_options.get("cpu_weights", CPU_WEIGHTS[0]) not in CPU_WEIGHTS:
             raise UserError(
-                f"rollout.cpu_weights: {engine_options['cpu_weights']!r} is not one of 'in_place', 'packed'"
+                f"rollout.cpu_weights: {engine_options['cpu_weights']!r} is not one of "
+                + ", ".join(repr(mode) for mode in CPU_WEIGHTS)
             )
         if not ray.is_initialized():
             raise UserError(

@@ -72,8 +72,9 @@ class VllmEngine(RolloutEngine):
                 options.setdefault(key, value)
             if "max_model_len" not in options and "kv_cache_memory_bytes" in options:
                 options["max_model_len"] = cpu_max_model_len(config, options)
-            if cpu_weights == "in_place":
+            if cpu_weights != "packed":
                 keep_cpu_linear_weights()
+        self.share_weights = cpu_weights == "shared" and current_platform.is_cpu()
         from vllm import LLM
 
         from spo_ray.logs import configure_logging, is_quiet
@@ -93,7 +94,10 @@ class VllmEngine(RolloutEngine):
         self.weights_load = "in_place" if all(in_place) else "reload"
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "weights_load": self.weights_load}
+        """Also how syncs load (`weights_load`) and how many bytes of the served weights view the object store
+        (`shared_weight_bytes`, rollout.cpu_weights=shared)."""
+        shared = sum(self.llm.collective_rpc("shared_weight_bytes")) if self.llm is not None else 0
+        return {**super().info(), "weights_load": self.weights_load, "shared_weight_bytes": shared}
 
     def _check_cpu_head_size(self, config: Any) -> None:
         """vLLM's CPU attention supports a few head sizes; fail with the reason before loading."""
@@ -121,7 +125,9 @@ class VllmEngine(RolloutEngine):
         if parallel.world_size > 1:  # workers in other processes: RPC arguments are serialized
             self.llm.collective_rpc("reload_safetensors", args=(state_dict_to_bytes(state_dict).tobytes(),))
         else:  # the worker runs in this process (ACTOR_ENV): it reads the shared-memory tensors directly
-            self.llm.collective_rpc("reload_tensors", args=(state_dict,))
+            self.llm.collective_rpc(
+                "reload_tensors", args=(state_dict,), kwargs={"share": self.share_weights}
+            )
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     def _load_adapter(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], version: int) -> None:
