@@ -171,7 +171,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--backends", default="vllm,hf", help="vllm, vllm_packed (rollout.cpu_weights=packed) and/or hf"
+        "--backends",
+        default="vllm,hf",
+        help="vllm, vllm_packed / vllm_shared (rollout.cpu_weights=packed / shared) and/or hf",
     )
     parser.add_argument("--models", default="tiny,mid,smollm2")
     parser.add_argument(
@@ -192,6 +194,8 @@ def main() -> None:
             options = {"max_model_len": 1024, "dtype": "float32"} if backend.startswith("vllm") else {}
             if backend == "vllm_packed":  # vLLM's oneDNN-packed weights: each sync reloads and repacks
                 options["cpu_weights"] = "packed"
+            if backend == "vllm_shared":  # whole-tensor weights served from the object store, not copied
+                options["cpu_weights"] = "shared"
             start = time.perf_counter()
             engine = "vllm" if backend.startswith("vllm") else backend
             pool = RolloutPool(path, backend=engine, num_cpus_per_actor=args.cpus, seed=0, **options)
