@@ -57,7 +57,9 @@ def test_gpu_transports_need_vllm_on_gpu_actors(tiny_model_dir):
 
 
 def test_an_unknown_cpu_weights_mode_is_refused_before_any_engine_starts(tiny_model_dir):
-    with pytest.raises(UserError, match="rollout.cpu_weights: 'fast' is not one of 'in_place', 'packed', 'shared'"):
+    with pytest.raises(
+        UserError, match="rollout.cpu_weights: 'fast' is not one of 'in_place', 'packed', 'shared'"
+    ):
         RolloutPool(tiny_model_dir, backend="vllm", cpu_weights="fast")
 
 
