@@ -52,6 +52,9 @@ class VllmEngine(RolloutEngine):
 
     llm: Any = None
     weights_load: str = "reload"  # how a sync loads full weights: "in_place" or "reload" (vllm_worker.py)
+    share_weights = (
+        False  # rollout.cpu_weights=shared on a CPU engine: whole tensors stay in the object store
+    )
     lora_request: Any = None  # the adapter every generation uses (None: the loaded weights alone)
     adapters_loaded = 0  # vLLM adapter ids: 1, 2, ... (never reused within an engine)
 
@@ -96,7 +99,7 @@ class VllmEngine(RolloutEngine):
     def info(self) -> dict[str, Any]:
         """Also how syncs load (`weights_load`) and how many bytes of the served weights view the object store
         (`shared_weight_bytes`, rollout.cpu_weights=shared)."""
-        shared = sum(self.llm.collective_rpc("shared_weight_bytes")) if self.llm is not None else 0
+        shared = sum(self.llm.collective_rpc("shared_weight_bytes")) if self.share_weights else 0
         return {**super().info(), "weights_load": self.weights_load, "shared_weight_bytes": shared}
 
     def _check_cpu_head_size(self, config: Any) -> None:
