@@ -52,9 +52,7 @@ class VllmEngine(RolloutEngine):
 
     llm: Any = None
     weights_load: str = "reload"  # how a sync loads full weights: "in_place" or "reload" (vllm_worker.py)
-    share_weights = (
-        False  # rollout.cpu_weights=shared on a CPU engine: whole tensors stay in the object store
-    )
+    share_weights = False  # rollout.cpu_weights=shared (CPU): whole tensors are served from the store
     lora_request: Any = None  # the adapter every generation uses (None: the loaded weights alone)
     adapters_loaded = 0  # vLLM adapter ids: 1, 2, ... (never reused within an engine)
 
