@@ -251,12 +251,13 @@ def test_bad_sampling_parameters_and_prompts_raise_clear_errors(pool):
         pool.generate([TOKEN_PROMPT * 100], max_tokens=10_000_000)  # past any context the engine holds
 
 
-def test_shared_cpu_weights_serve_the_object_store_tensors_and_survive_their_refs_going(
+def test_shared_cpu_weights_serve_the_object_store_tensors_while_the_store_fills(
     ray_runtime, tiny_model_dir, hf_model
 ):
     """rollout.cpu_weights=shared: the engine's whole-tensor parameters (embedding, LM head, norms, o_proj,
-    down_proj) are the synced tensors in the object store, not copies. They stay valid after the trainer's refs
-    are gone and the store has taken other objects, and a later sync replaces them."""
+    down_proj) are the synced tensors in the object store, not copies. They stay valid once the trainer's
+    tensors are gone and other objects fill the store (the pool keeps the served version's refs, to load a
+    replacement engine), a later sync replaces them, and a replaced engine shares again."""
     rollout = RolloutPool(tiny_model_dir, backend="vllm", seed=0, timeout_s=120, cpu_weights="shared")
     try:
         prompts = [TOKEN_PROMPT, "Why does the river move?"]
